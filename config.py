@@ -1,0 +1,61 @@
+"""Settings, read from the environment once per process.
+
+Nothing here imports TensorFlow, SQLAlchemy or Celery, so every layer may import it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL = ROOT / "models" / "brainscan-v1.keras"
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob brainscan reads; see .env.example for the variable of each."""
+
+    var_dir: Path
+    database_url: str
+    broker_url: str | None
+    model_path: Path
+    batch_size: int
+    max_attempts: int
+    lease_seconds: int
+    visibility_timeout: int
+    local_workers: int
+    queue: str
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker is configured: `run` processes jobs locally."""
+        return not self.broker_url
+
+
+def load_settings() -> Settings:
+    """Build Settings from the environment, with the embedded defaults."""
+    var_dir = Path(os.environ.get("BRAINSCAN_VAR", ROOT / "var"))
+    return Settings(
+        var_dir=var_dir,
+        database_url=os.environ.get("DATABASE_URL") or f"sqlite:///{var_dir / 'brainscan.db'}",
+        broker_url=os.environ.get("BROKER_URL") or None,
+        model_path=Path(os.environ.get("BRAINSCAN_MODEL") or DEFAULT_MODEL),
+        batch_size=_int("BRAINSCAN_BATCH_SIZE", 32),
+        max_attempts=_int("BRAINSCAN_MAX_ATTEMPTS", 3),
+        # A lease must outlive the slowest batch; 32 scans take well under a minute even on CPU.
+        lease_seconds=_int("BRAINSCAN_LEASE_SECONDS", 600),
+        visibility_timeout=_int("BRAINSCAN_VISIBILITY_TIMEOUT", 3600),
+        local_workers=_int("BRAINSCAN_LOCAL_WORKERS", 1),
+        queue=os.environ.get("BRAINSCAN_QUEUE", "brainscan"),
+    )

@@ -1,0 +1,1 @@
+"""Job lifecycle: finding scans, labels, batching, progress, metrics, reports and export."""

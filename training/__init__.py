@@ -1,0 +1,1 @@
+"""Training: data pipeline, architecture, training loop and evaluation plots."""

@@ -1,0 +1,135 @@
+"""Training data: class folders → deduplicated, stratified split → cached preprocessed arrays → tf.data."""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import json
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from jobs.labels import CLASSES, label_from_path
+from jobs.scanning import find_scans
+from vision.preprocess import prepare_bytes
+
+
+@dataclass
+class Example:
+    path: Path
+    sha256: str
+    label: str
+
+
+class DataError(Exception):
+    """Training data that cannot be used (no labelled scans, a class missing, contradicting labels)."""
+
+
+def labelled_examples(root: Path) -> list[Example]:
+    """Every scan under root with a class folder, deduplicated by content (first path wins)."""
+    by_hash: dict[str, Example] = {}
+    conflicts = []
+    for scan in find_scans(root):
+        label = label_from_path(scan.relpath)
+        if label is None or not scan.sha256:
+            continue
+        prior = by_hash.get(scan.sha256)
+        if prior is None:
+            by_hash[scan.sha256] = Example(Path(root) / scan.relpath, scan.sha256, label)
+        elif prior.label != label:
+            conflicts.append(scan.sha256)
+    for sha in conflicts:  # the same bytes under two classes cannot teach either
+        by_hash.pop(sha, None)
+    examples = sorted(by_hash.values(), key=lambda e: e.sha256)
+    missing = set(CLASSES) - {e.label for e in examples}
+    if not examples:
+        raise DataError(f"{root}: no scans in class folders ({', '.join(CLASSES)})")
+    if missing and len(examples) >= len(CLASSES):
+        raise DataError(f"{root}: no scans for class(es) {', '.join(sorted(missing))}")
+    return examples
+
+
+def split(examples: list[Example], val_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Stratified split by label; deterministic for a seed; a hash is never in both parts."""
+    labels = [e.label for e in examples]
+    counts = {c: labels.count(c) for c in set(labels)}
+    stratify = labels if min(counts.values()) >= 2 and len(examples) * val_fraction >= len(counts) else None
+    train, val = train_test_split(examples, test_size=val_fraction, random_state=seed, stratify=stratify)
+    return sorted(train, key=lambda e: e.sha256), sorted(val, key=lambda e: e.sha256)
+
+
+def _prepare(args):
+    path, params = args
+    return prepare_bytes(Path(path).read_bytes(), params).array
+
+
+def cached_arrays(examples: list[Example], params: dict, cache_dir: Path, workers: int = 2) -> np.ndarray:
+    """Preprocessed arrays for examples, decoded once and cached by content hash and parameters."""
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    cache_dir = Path(cache_dir) / f"prep-{key}"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    size = params["size"]
+    out = np.zeros((len(examples), size, size, 1), dtype=np.float16)
+    todo = []
+    for i, ex in enumerate(examples):
+        f = cache_dir / f"{ex.sha256}.npy"
+        if f.exists():
+            out[i] = np.load(f)
+        else:
+            todo.append(i)
+    if todo:
+        # spawn, not fork: TensorFlow may already be loaded in this process.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            arrays = pool.map(_prepare, [(str(examples[i].path), params) for i in todo], chunksize=32)
+            for i, arr in zip(todo, arrays):
+                out[i] = arr
+                np.save(cache_dir / f"{examples[i].sha256}.npy", arr.astype(np.float16))
+    return out
+
+
+def label_indices(examples: list[Example], classes=CLASSES) -> np.ndarray:
+    return np.array([classes.index(e.label) for e in examples], dtype=np.int32)
+
+
+def augmenter(seed: int):
+    """Augmentation for axial slices: left-right flips, small rotations, shifts, zoom, brightness/contrast."""
+    import keras
+    from keras import layers
+
+    return keras.Sequential(
+        [
+            layers.RandomFlip("horizontal", seed=seed),
+            layers.RandomRotation(0.04, fill_mode="constant", seed=seed + 1),  # ±15°
+            layers.RandomTranslation(0.06, 0.06, fill_mode="constant", seed=seed + 2),
+            layers.RandomZoom((-0.12, 0.12), fill_mode="constant", seed=seed + 3),
+            layers.RandomContrast(0.2, seed=seed + 4),
+            layers.RandomBrightness(0.1, value_range=(0.0, 1.0), seed=seed + 5),
+        ],
+        name="augment",
+    )
+
+
+def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes: int):
+    """tf.data pipelines: shuffled and augmented for training, plain for validation."""
+    import tensorflow as tf
+
+    aug = augmenter(seed)
+
+    def train_map(x, y):
+        x = tf.clip_by_value(aug(tf.cast(x, tf.float32), training=True), 0.0, 1.0)
+        return x, tf.one_hot(y, classes)
+
+    def val_map(x, y):
+        return tf.cast(x, tf.float32), tf.one_hot(y, classes)
+
+    train = (
+        tf.data.Dataset.from_tensor_slices((x_train, y_train))
+        .shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True)
+        .batch(batch_size, drop_remainder=True)
+        .map(train_map, num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    val = tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(128).map(val_map).prefetch(2)
+    return train, val

@@ -1,0 +1,175 @@
+"""Train the CNN from class folders and write `<out>.keras`, its card and its plots."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from jobs.labels import CLASSES
+from jobs.metrics import classification_metrics
+from training import data as tdata
+from vision.preprocess import DEFAULTS
+
+
+@dataclass
+class TrainConfig:
+    data_root: Path
+    out: Path  # models/brainscan-v1 → models/brainscan-v1.keras, .json, -curves.png, -confusion.png
+    epochs: int = 40
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.05
+    val_fraction: float = 0.15
+    seed: int = 1337
+    size: int = DEFAULTS["size"]
+    resume: bool = False
+    command: str = ""
+    cache_dir: Path = Path("var/cache")
+    stages: tuple = field(default=None)
+
+
+def setup_devices() -> str:
+    """Memory growth and mixed precision on GPUs; thread pools sized to the cores on CPU. Returns a description."""
+    import keras
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)
+    if gpus:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        return f"{len(gpus)} GPU(s): " + ", ".join(g.name for g in gpus)
+    return f"CPU: {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+
+
+class EpochLog:
+    """Per-epoch line with duration and ETA, and the history kept for the card."""
+
+    def __new__(cls, total_epochs: int, history: list[dict], state_path: Path):
+        import keras
+
+        class _Log(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.t0 = time.time()
+
+            def on_epoch_end(self, epoch, logs=None):
+                dt = time.time() - self.t0
+                row = {"epoch": epoch + 1, "seconds": round(dt, 1), **{k: float(v) for k, v in (logs or {}).items()}}
+                history[:] = [h for h in history if h["epoch"] < epoch + 1] + [row]
+                state_path.write_text(json.dumps({"history": history}))
+                eta = dt * (total_epochs - epoch - 1)
+                print(
+                    f"epoch {epoch + 1}/{total_epochs}  {dt:5.1f}s  loss {row['loss']:.4f}  acc {row['accuracy']:.4f}  "
+                    f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  ETA {eta / 60:.1f} min",
+                    flush=True,
+                )
+
+        return _Log()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run a full training; returns the model card. Ctrl-C leaves a resumable checkpoint."""
+    t_start = time.time()
+    hardware = setup_devices()
+    import keras
+
+    from training.architecture import GRADCAM_LAYER, STAGES, build_model, flops_per_scan
+    from training.plots import plot_confusion, plot_curves
+    from vision.modelio import write_card
+
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}-training"
+    work.mkdir(exist_ok=True)
+    params = dict(DEFAULTS, size=cfg.size)
+    keras.utils.set_random_seed(cfg.seed)
+
+    examples = tdata.labelled_examples(Path(cfg.data_root))
+    train_ex, val_ex = tdata.split(examples, cfg.val_fraction, cfg.seed)
+    t0 = time.time()
+    x_train = tdata.cached_arrays(train_ex, params, cfg.cache_dir)
+    x_val = tdata.cached_arrays(val_ex, params, cfg.cache_dir)
+    print(f"data: {len(train_ex)} train, {len(val_ex)} validation scans (deduplicated), "
+          f"preprocessed in {time.time() - t0:.0f}s", flush=True)
+    y_train, y_val = tdata.label_indices(train_ex), tdata.label_indices(val_ex)
+    train_ds, val_ds = tdata.datasets(x_train, y_train, x_val, y_val, cfg.batch_size, cfg.seed, len(CLASSES))
+
+    model = build_model(cfg.size, len(CLASSES), stages=cfg.stages or STAGES)
+    steps = (len(x_train) // cfg.batch_size) * cfg.epochs
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, steps, warmup_target=cfg.learning_rate, warmup_steps=max(1, steps // 20)
+    )
+    model.compile(
+        optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+        metrics=["accuracy"],
+    )
+    state_path = work / "history.json"
+    history: list[dict] = []
+    if cfg.resume and state_path.exists():
+        history = json.loads(state_path.read_text())["history"]
+    else:
+        # A fresh run must not pick up an old run's backup.
+        shutil.rmtree(work / "backup", ignore_errors=True)
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(work / "backup"), save_freq="epoch", delete_checkpoint=False),
+        EpochLog(cfg.epochs, history, state_path),
+        keras.callbacks.ModelCheckpoint(str(work / "last.keras"), save_freq="epoch"),
+    ]
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks, verbose=0)
+    except KeyboardInterrupt:
+        print(f"interrupted: the last finished epoch is checkpointed in {work}; continue with --resume", flush=True)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    probs = model.predict(x_val.astype(np.float32), batch_size=128, verbose=0)
+    pred = [CLASSES[i] for i in probs.argmax(axis=1)]
+    val_metrics = classification_metrics([e.label for e in val_ex], pred, probs, list(CLASSES))
+    model_path = out.with_suffix(".keras")
+    model.save(model_path)
+    card = {
+        "name": out.name,
+        "classes": list(CLASSES),
+        "input_size": cfg.size,
+        "preprocessing": params,
+        "gradcam_layer": GRADCAM_LAYER,
+        "gradcam_resolution": list(model.get_layer(GRADCAM_LAYER).output.shape[1:3]),
+        "gradcam_note": (
+            "Grad-CAM is read at the last conv block (1/8 of the input, 16x16 at 128 px): the finest grid "
+            "whose units still see most of the head. Maps are upsampled bilinearly over the square head crop "
+            "and pasted back at the crop's place on the scan's own pixel grid, zero outside it."
+        ),
+        "logits_layer": "logits",
+        "parameters": int(model.count_params()),
+        "flops_per_scan": flops_per_scan(model),
+        "training_command": cfg.command,
+        "seed": cfg.seed,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items() if k != "command"},
+        "train_sha256": [e.sha256 for e in train_ex],
+        "validation_sha256": [e.sha256 for e in val_ex],
+        "history": history,
+        "validation": val_metrics,
+        "wall_time_seconds": round(time.time() - t_start, 1),
+        "hardware": hardware,
+        "keras_version": keras.__version__,
+    }
+    card = write_card(model_path, card)
+    plot_curves(history, out.parent / f"{out.name}-curves.png")
+    plot_confusion(val_metrics["confusion_matrix"]["matrix"], list(CLASSES), out.parent / f"{out.name}-confusion.png")
+    return card
