@@ -1,20 +1,257 @@
 """brainscan: classify brain MRI scan archives with a CNN and Grad-CAM.
 
-Every command is a thin layer over a library function; domain errors become
-ClickExceptions that say what to do next.
+Each command opens the settings, calls one library function and turns a domain error
+into a ClickException that says what to do next.
 """
 from __future__ import annotations
 
+import functools
+import json
+import os
 import shlex
 import sys
 from pathlib import Path
 
 import click
 
+from config import load_settings
+
+
+def domain_errors(fn):
+    """Turn the library's user-actionable errors into one-line messages and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from sqlalchemy.exc import OperationalError
+
+        from db.session import DatabaseUnavailable, safe_url
+        from jobs.export import ExportError
+        from jobs.labels import LabelError
+        from jobs.progress import JobNotFound
+        from jobs.queue import BrokerUnavailable
+        from jobs.scanning import FolderError
+        from training.data import DataError
+        from vision.errors import ModelError
+
+        try:
+            return fn(*args, **kwargs)
+        except (FolderError, LabelError, ModelError, JobNotFound, DatabaseUnavailable, BrokerUnavailable,
+                ExportError, DataError) as exc:
+            raise click.ClickException(str(exc)) from None
+        except OperationalError as exc:
+            url = safe_url(load_settings().database_url)
+            raise click.ClickException(f"database {url} unreachable ({type(exc.orig).__name__}); "
+                                       "check DATABASE_URL and that the server is up") from None
+
+    return wrapper
+
+
+def job_option(fn):
+    return click.argument("job", type=int, required=False)(fn)
+
+
+def _report_out(job_id: int | None, fmt: str) -> None:
+    from db.session import session_scope
+    from jobs.progress import resolve_job
+    from jobs.report import format_table, job_report
+
+    settings = load_settings()
+    with session_scope(settings.database_url) as session:
+        report = job_report(session, resolve_job(session, job_id).id)
+    click.echo(json.dumps(report, indent=1) if fmt == "json" else format_table(report))
+
+
+def _run_folder(folder, labels, batch_size, workers, follow_links, quiet=False) -> int:
+    from jobs.lifecycle import new_job, run_job
+
+    settings = load_settings()
+    job_id = new_job(settings, folder, labels, batch_size, follow_links)
+    with click.progressbar(length=_total(settings, job_id), label=f"job {job_id}", file=sys.stderr,
+                           show_pos=True, show_eta=True, hidden=quiet) as bar:
+        run_job(settings, job_id, workers=workers, on_batch=lambda c: bar.update(c["n"]))
+    return job_id
+
+
+def _total(settings, job_id: int) -> int:
+    from db.models import Job
+    from db.session import session_scope
+
+    with session_scope(settings.database_url) as session:
+        return session.get_one(Job, job_id).total
+
+
+folder_arg = click.argument("folder", type=click.Path(path_type=Path))
+labels_opt = click.option("--labels", type=click.Path(path_type=Path), help="CSV with path,label columns.")
+batch_opt = click.option("--batch-size", type=int, help="Scans per task (default BRAINSCAN_BATCH_SIZE, 32).")
+links_opt = click.option("--follow-links", is_flag=True, help="Follow symlinks that leave FOLDER.")
+format_opt = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+                          show_default=True)
+
 
 @click.group()
 def cli():
-    """Classify brain MRI scans (glioma, meningioma, pituitary, notumor) with Grad-CAM."""
+    """Classify brain MRI scans (glioma, meningioma, pituitary, notumor) with Grad-CAM heatmaps."""
+
+
+@cli.command()
+@folder_arg
+@labels_opt
+@batch_opt
+@links_opt
+@click.option("--wait", is_flag=True, help="Show progress until done, re-enqueueing lost work.")
+@domain_errors
+def submit(folder, labels, batch_size, follow_links, wait):
+    """Record the scans of FOLDER as a job and enqueue it for the workers.
+
+    Example: python cli.py submit /archive/2026-11-28 --wait
+    """
+    from jobs.lifecycle import enqueue_job, new_job
+    from jobs.lifecycle import wait as wait_job
+
+    settings = load_settings()
+    if settings.embedded:
+        raise click.ClickException("BROKER_URL is not set: use `python cli.py run FOLDER` to process locally")
+    job_id = new_job(settings, folder, labels, batch_size, follow_links)
+    tasks = enqueue_job(settings, job_id)
+    click.echo(f"job {job_id}: {_total(settings, job_id)} scans in {tasks} batches enqueued")
+    if wait:
+        with click.progressbar(length=_total(settings, job_id), label=f"job {job_id}", file=sys.stderr,
+                               show_pos=True, show_eta=True) as bar:
+            def on_progress(p):
+                bar.update(p.finished - bar.pos)
+            p = wait_job(settings, job_id, on_progress=on_progress)
+        click.echo(f"job {job_id} complete: {p.done} done, {p.failed} failed")
+
+
+@cli.command()
+@folder_arg
+@labels_opt
+@batch_opt
+@links_opt
+@click.option("--workers", type=int, help="Local worker processes (default BRAINSCAN_LOCAL_WORKERS, 1).")
+@format_opt
+@domain_errors
+def run(folder, labels, batch_size, follow_links, workers, fmt):
+    """Process FOLDER on this machine with local worker processes, no broker, then print the report.
+
+    Example: python cli.py run examples/scans
+    """
+    _report_out(_run_folder(folder, labels, batch_size, workers, follow_links, quiet=fmt == "json"), fmt)
+
+
+@cli.command()
+@folder_arg
+@labels_opt
+@click.option("--model", type=click.Path(path_type=Path), help="Model file (default BRAINSCAN_MODEL).")
+@click.option("--workers", type=int)
+@format_opt
+@domain_errors
+def evaluate(folder, labels, model, workers, fmt):
+    """Run a labelled FOLDER through the production pipeline and print the full report.
+
+    Example: python cli.py evaluate ../Testing --model models/brainscan-v1.keras --format json
+    """
+    if model:
+        os.environ["BRAINSCAN_MODEL"] = str(model)
+    _report_out(_run_folder(folder, labels, None, workers, False, quiet=fmt == "json"), fmt)
+
+
+@cli.command()
+@click.option("--concurrency", type=int, help="Pool processes (default: one per GPU, else 1).")
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(concurrency, loglevel):
+    """Start a Celery worker that serves jobs (uses the GPU when one is present).
+
+    Example: BROKER_URL=redis://localhost:6379/0 DATABASE_URL=postgresql://... python cli.py worker
+    """
+    from worker.app import start_worker
+
+    start_worker(concurrency, loglevel)
+
+
+@cli.command()
+@job_option
+@format_opt
+@domain_errors
+def status(job, fmt):
+    """Show done / failed / pending / total, rate and ETA of JOB (default: the latest).
+
+    Example: python cli.py status 12
+    """
+    from db.session import session_scope
+    from jobs.progress import progress, resolve_job
+
+    with session_scope(load_settings().database_url) as session:
+        p = progress(session, resolve_job(session, job).id).as_dict()
+    if fmt == "json":
+        click.echo(json.dumps(p))
+        return
+    eta = "-" if p["eta_seconds"] is None else f"{p['eta_seconds']}s"
+    click.echo(f"job {p['job']} {p['status']}: {p['done']} done, {p['failed']} failed, {p['pending']} pending "
+               f"({p['in_progress']} in progress) of {p['total']}; {p['scans_per_second']} scans/s, ETA {eta}")
+
+
+@cli.command()
+@job_option
+@format_opt
+@domain_errors
+def report(job, fmt):
+    """Per-class precision, recall, F1, support and ROC-AUC, accuracy and confusion matrix of JOB.
+
+    Example: python cli.py report --format json
+    """
+    _report_out(job, fmt)
+
+
+@cli.command()
+@job_option
+@domain_errors
+def resume(job):
+    """Re-enqueue every scan of JOB that has no result and no live lease (after lost messages).
+
+    Example: python cli.py resume 12
+    """
+    from db.session import session_scope
+    from jobs.progress import resolve_job
+    from jobs.progress import resume as resume_job
+
+    settings = load_settings()
+    with session_scope(settings.database_url) as session:
+        job_row = resolve_job(session, job)
+        sent = resume_job(settings, session, job_row.id)
+    click.echo(f"job {job_row.id}: {sent} scans re-enqueued")
+
+
+@cli.command()
+@click.argument("job", type=int)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write into.")
+@domain_errors
+def export(job, out):
+    """Write results.csv, heatmaps/ and overlays/ of JOB into OUT.
+
+    Example: python cli.py export 12 --out night-12
+    """
+    from db.session import session_scope
+    from jobs.export import export_job
+
+    with session_scope(load_settings().database_url) as session:
+        counts = export_job(session, job, out)
+    click.echo(f"wrote {out}/results.csv ({counts['rows']} rows) and {counts['images']} heatmap/overlay pairs")
+
+
+@cli.command()
+@domain_errors
+def migrate():
+    """Create or upgrade the database schema with Alembic.
+
+    Example: DATABASE_URL=postgresql://brainscan@db/brainscan python cli.py migrate
+    """
+    from db.session import safe_url
+    from jobs.lifecycle import open_database
+
+    settings = load_settings()
+    open_database(settings)
+    click.echo(f"schema of {safe_url(settings.database_url)} is up to date")
 
 
 @cli.command()
@@ -27,23 +264,20 @@ def cli():
 @click.option("--seed", default=1337, show_default=True)
 @click.option("--val-fraction", default=0.15, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint.")
+@domain_errors
 def train(data, out, epochs, batch_size, size, seed, val_fraction, resume):
-    """Train the CNN on class folders of DATA and write the model, its card and plots.
+    """Train the CNN on the class folders of DATA; write the model, its card and plots.
 
     Example: python cli.py train ../shared/data/brain-tumor-mri/Training --out models/brainscan-v1
     """
-    from training.data import DataError
     from training.train import TrainConfig
     from training.train import train as run_training
-    from jobs.scanning import FolderError
 
     cfg = TrainConfig(data, out, epochs=epochs, batch_size=batch_size, size=size, seed=seed,
                       val_fraction=val_fraction, resume=resume,
                       command="python " + shlex.join(["cli.py", *sys.argv[1:]]))
     try:
         card = run_training(cfg)
-    except (DataError, FolderError) as exc:
-        raise click.ClickException(str(exc)) from exc
     except KeyboardInterrupt:
         raise click.ClickException("training interrupted; run the same command with --resume to continue")
     v = card["validation"]

@@ -22,6 +22,12 @@ def _int(name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
 
 
+def _paths(name: str) -> tuple[str, ...]:
+    """A list of paths separated by commas or os.pathsep, blanks dropped."""
+    raw = os.environ.get(name) or ""
+    return tuple(p.strip() for p in raw.replace(os.pathsep, ",").split(",") if p.strip())
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every knob brainscan reads; see .env.example for the variable of each."""
@@ -36,6 +42,8 @@ class Settings:
     visibility_timeout: int
     local_workers: int
     queue: str
+    schedule_cron: str
+    archives: tuple[str, ...]
 
     @property
     def embedded(self) -> bool:
@@ -53,9 +61,13 @@ def load_settings() -> Settings:
         model_path=Path(os.environ.get("BRAINSCAN_MODEL") or DEFAULT_MODEL),
         batch_size=_int("BRAINSCAN_BATCH_SIZE", 32),
         max_attempts=_int("BRAINSCAN_MAX_ATTEMPTS", 3),
-        # A lease must outlive the slowest batch; 32 scans take well under a minute even on CPU.
-        lease_seconds=_int("BRAINSCAN_LEASE_SECONDS", 600),
+        # A lease must outlive the slowest batch (32 scans: ~1 s on 2 CPU cores) and is what a
+        # redelivered batch waits for when its first worker vanished without a trace.
+        lease_seconds=_int("BRAINSCAN_LEASE_SECONDS", 120),
         visibility_timeout=_int("BRAINSCAN_VISIBILITY_TIMEOUT", 3600),
         local_workers=_int("BRAINSCAN_LOCAL_WORKERS", 1),
         queue=os.environ.get("BRAINSCAN_QUEUE", "brainscan"),
+        # The nightly scheduler (`cli.py beat`) submits every archive root on this cron expression.
+        schedule_cron=os.environ.get("BRAINSCAN_SCHEDULE_CRON") or "0 1 * * *",
+        archives=_paths("BRAINSCAN_ARCHIVES"),
     )

@@ -1,0 +1,203 @@
+"""The batch function: the one thing a Celery task and a local worker process both call.
+
+It re-reads the world from the database, claims its scans with a lease, reuses cached
+results, classifies the rest in one batched pass and writes everything in one commit.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import select, update
+
+from db.models import Job, Result, Scan
+from db.session import session_scope
+from db.upsert import insert_ignore
+from vision.errors import ModelError, ScanError
+from vision.preprocess import prepare_bytes
+
+
+@dataclass
+class BatchOutcome:
+    done: int = 0
+    cached: int = 0
+    failed: int = 0
+    quarantined: int = 0
+    skipped: int = 0
+    errors: dict = field(default_factory=dict)
+    # Pending scans another worker holds a live lease on, and when the earliest lease ends.
+    deferred: list = field(default_factory=list)
+    retry_after: float = 0.0
+
+    def merge(self, other: "BatchOutcome") -> "BatchOutcome":
+        for name in ("done", "cached", "failed", "quarantined", "skipped"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.errors.update(other.errors)
+        return self
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("done", "cached", "failed", "quarantined", "skipped")}
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def read_scan(folder: str, relpath: str, expected_sha: str) -> bytes:
+    """The bytes of a scan as submitted; ScanError if missing, unreadable or changed since submit."""
+    path = Path(folder) / relpath
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ScanError("file not found: deleted or moved after submit") from None
+    except PermissionError:
+        raise ScanError("permission denied: the worker cannot read this file") from None
+    except OSError as exc:
+        raise ScanError(f"cannot read file: {exc.strerror or exc}") from None
+    if expected_sha and hashlib.sha256(data).hexdigest() != expected_sha:
+        raise ScanError("file changed after submit (SHA-256 differs)")
+    if not expected_sha:
+        raise ScanError("file could not be read at submit")
+    return data
+
+
+def claim(session, scan_ids: list[int], lease_seconds: int) -> list[int]:
+    """Take a lease on the pending, unleased scans among scan_ids, counting an attempt for each."""
+    now = _now()
+    claimed = session.scalars(
+        update(Scan)
+        .where(Scan.id.in_(scan_ids), Scan.status == "pending",
+               (Scan.lease_until.is_(None)) | (Scan.lease_until < now))
+        .values(attempts=Scan.attempts + 1, lease_until=now + timedelta(seconds=lease_seconds))
+        .returning(Scan.id)
+    ).all()
+    return sorted(claimed)
+
+
+def quarantine(session, scan_ids: list[int], max_attempts: int) -> int:
+    """Fail scans that were claimed max_attempts times without a result: they kill their worker."""
+    result = session.execute(
+        update(Scan)
+        .where(Scan.id.in_(scan_ids), Scan.status == "pending", Scan.attempts >= max_attempts)
+        .values(status="failed", lease_until=None, finished_at=_now(),
+                error=f"quarantined: processing was interrupted {max_attempts} times "
+                      "(the scan kills or hangs its worker)")
+    )
+    return result.rowcount or 0
+
+
+def classify(url: str, runtime, job: Job, scans: list[Scan]) -> BatchOutcome:
+    """Results for claimed scans: cached ones linked, new ones computed, broken ones failed; one commit."""
+    outcome = BatchOutcome()
+    with session_scope(url) as session:
+        shas = {s.sha256 for s in scans if s.sha256}
+        cached = dict(session.execute(
+            select(Result.sha256, Result.id).where(Result.sha256.in_(shas), Result.model_sha256 == runtime.sha256)
+        ).all()) if shas else {}
+        failures: dict[int, str] = {}
+        prepared: dict[str, object] = {}
+        for scan in scans:
+            if scan.sha256 in cached or scan.sha256 in prepared:
+                continue
+            try:
+                prepared[scan.sha256] = prepare_bytes(read_scan(job.folder, scan.path, scan.sha256),
+                                                      runtime.preprocessing)
+            except ScanError as exc:
+                failures[scan.id] = str(exc)
+        if prepared:
+            shas_new = list(prepared)
+            probs, cams = runtime.explain(np.stack([prepared[s].array for s in shas_new]))
+            rows = []
+            for i, sha in enumerate(shas_new):
+                cam = np.clip(np.round(cams[i] * 255), 0, 255).astype(np.uint8)
+                rows.append({
+                    "sha256": sha, "model_sha256": runtime.sha256,
+                    "predicted_label": runtime.classes[int(np.argmax(probs[i]))],
+                    "probabilities": [round(float(p), 6) for p in probs[i]],
+                    "heatmap": cam.tobytes(), "heatmap_height": cam.shape[0], "heatmap_width": cam.shape[1],
+                    "geometry": prepared[sha].geometry(), "created_at": _now(),
+                })
+            # A redelivered batch, or two jobs racing on the same bytes, keep the first result.
+            insert_ignore(session, Result.__table__, rows, ["sha256", "model_sha256"])
+            fresh = dict(session.execute(
+                select(Result.sha256, Result.id).where(Result.sha256.in_(shas_new),
+                                                       Result.model_sha256 == runtime.sha256)
+            ).all())
+        else:
+            fresh = {}
+        now = _now()
+        for scan in scans:
+            values = {"lease_until": None, "finished_at": now}
+            if scan.id in failures:
+                values.update(status="failed", error=failures[scan.id])
+                outcome.failed += 1
+                outcome.errors[scan.path] = failures[scan.id]
+            elif scan.sha256 in cached:
+                values.update(status="done", result_id=cached[scan.sha256], from_cache=True)
+                outcome.cached += 1
+            else:
+                values.update(status="done", result_id=fresh[scan.sha256])
+                outcome.done += 1
+            session.execute(update(Scan).where(Scan.id == scan.id, Scan.status == "pending").values(**values))
+    return outcome
+
+
+def process_batch(url: str, runtime, job_id: int, scan_ids: list[int], *, max_attempts: int = 3,
+                  lease_seconds: int = 600) -> BatchOutcome:
+    """Process one batch of a job's scans; safe to run again for the same ids (redelivery)."""
+    outcome = BatchOutcome()
+    with session_scope(url) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            outcome.skipped = len(scan_ids)
+            return outcome
+        if job.model_sha256 != runtime.sha256:
+            raise ModelError(f"job {job_id} was submitted for model {job.model_sha256[:12]}…, "
+                             f"this worker serves {runtime.sha256[:12]}…")
+        session.expunge(job)
+        outcome.quarantined = quarantine(session, scan_ids, max_attempts)
+        outcome.skipped -= outcome.quarantined  # counted again below as not claimed
+        retried = set(session.scalars(
+            select(Scan.id).where(Scan.id.in_(scan_ids), Scan.status == "pending", Scan.attempts > 0)
+        ))
+    if retried:
+        # Someone died on this batch before: go one scan at a time so only a poison scan pays.
+        groups = [[sid] for sid in scan_ids]
+    else:
+        groups = [list(scan_ids)]
+    for group in groups:
+        with session_scope(url) as session:
+            ids = claim(session, group, lease_seconds)
+            scans = list(session.scalars(select(Scan).where(Scan.id.in_(ids)).order_by(Scan.id))) if ids else []
+            for s in scans:
+                session.expunge(s)
+        if len(scans) < len(group):
+            defer(url, outcome, group, ids)
+        if scans:
+            outcome.merge(classify(url, runtime, job, scans))
+    return outcome
+
+
+def defer(url: str, outcome: BatchOutcome, group: list[int], claimed: list[int]) -> None:
+    """Note the scans of a group that are still pending under someone else's live lease."""
+    with session_scope(url) as session:
+        rows = session.execute(
+            select(Scan.id, Scan.lease_until).where(Scan.id.in_(set(group) - set(claimed)), Scan.status == "pending")
+        ).all()
+    now = _now()
+    for scan_id, lease in rows:
+        outcome.deferred.append(scan_id)
+        if lease is not None:
+            lease = lease if lease.tzinfo else lease.replace(tzinfo=timezone.utc)
+            wait = max(1.0, (lease - now).total_seconds())
+            outcome.retry_after = wait if not outcome.retry_after else min(outcome.retry_after, wait)
+    outcome.skipped += len(group) - len(claimed) - len(rows)
+
+
+def release_leases(url: str, scan_ids: list[int]) -> None:
+    """Drop the leases of scans whose worker is known to be dead, so they can be claimed at once."""
+    with session_scope(url) as session:
+        session.execute(update(Scan).where(Scan.id.in_(scan_ids), Scan.status == "pending").values(lease_until=None))

@@ -1,0 +1,51 @@
+"""A worker process's model: devices configured, loaded once, warmed up, ready for batches."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from vision.modelio import load_model
+
+
+def configure_devices(cpu_threads: int | None = None) -> list:
+    """GPU memory growth on; CPU thread pools sized to this process's share of the cores. Returns GPUs."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)
+    threads = cpu_threads or int(os.environ.get("BRAINSCAN_CPU_THREADS") or os.cpu_count() or 1)
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    return gpus
+
+
+class Runtime:
+    """Loaded model + batched Grad-CAM; one per worker process."""
+
+    def __init__(self, model_path, cpu_threads: int | None = None, warm_batch: int = 32):
+        self.gpus = configure_devices(cpu_threads)
+        from vision.gradcam import Explainer
+
+        self.model = load_model(model_path)
+        self.explainer = Explainer(self.model.keras_model, self.model.card["gradcam_layer"])
+        size = self.model.card["input_size"]
+        # Warm up on the batch shape the worker will see, so the first real batch pays no tracing cost.
+        self.explainer(np.zeros((warm_batch, size, size, 1), np.float32))
+
+    @property
+    def sha256(self) -> str:
+        return self.model.sha256
+
+    @property
+    def classes(self) -> list[str]:
+        return self.model.classes
+
+    @property
+    def preprocessing(self) -> dict:
+        return self.model.preprocessing
+
+    def explain(self, arrays: np.ndarray):
+        """Probabilities and Grad-CAM maps for a stack of prepared arrays."""
+        return self.explainer(arrays)

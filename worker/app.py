@@ -1,0 +1,69 @@
+"""The Celery app of the workers. Importing this never imports TensorFlow: children load it after fork."""
+from __future__ import annotations
+
+import os
+
+from celery.signals import worker_process_init
+
+from config import load_settings
+from jobs.queue import celery_app
+
+settings = load_settings()
+app = celery_app(settings)
+app.conf.include = ["worker.tasks"]
+
+RUNTIME = None
+
+
+def gpu_ids() -> list[str]:
+    """GPU indices this machine offers, without importing TensorFlow (nvidia-smi, or CUDA_VISIBLE_DEVICES)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g for g in visible.split(",") if g.strip() and g.strip() != "-1"]
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+@worker_process_init.connect
+def load_model(**_) -> None:
+    """In each pool process: pin one GPU (if any), open fresh DB connections, load and warm the model once."""
+    global RUNTIME
+    from billiard.process import current_process
+
+    from db.session import dispose_engines
+    from vision.runtime import Runtime
+
+    gpus = gpu_ids()
+    index = getattr(current_process(), "index", 0) or 0
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+    dispose_engines()
+    concurrency = int(os.environ.get("BRAINSCAN_WORKER_CONCURRENCY") or 1)
+    threads = max(1, (os.cpu_count() or 1) // concurrency)
+    RUNTIME = Runtime(settings.model_path, cpu_threads=threads)
+
+
+def runtime():
+    """The model of this worker process (loaded at process start)."""
+    global RUNTIME
+    if RUNTIME is None:  # solo pool or a task run in-process: load on first use
+        from vision.runtime import Runtime
+
+        RUNTIME = Runtime(settings.model_path)
+    return RUNTIME
+
+
+def start_worker(concurrency: int | None = None, loglevel: str = "INFO") -> None:
+    """Run a prefork worker: one process per GPU, or one process using every core on CPU."""
+    n = concurrency or max(1, len(gpu_ids()))
+    os.environ["BRAINSCAN_WORKER_CONCURRENCY"] = str(n)
+    app.worker_main(["worker", f"--loglevel={loglevel}", f"--concurrency={n}", "--pool=prefork",
+                     "-Q", settings.queue, "--without-gossip", "--without-mingle"])
