@@ -66,7 +66,7 @@ def load_settings() -> Settings:
         lease_seconds=_int("BRAINSCAN_LEASE_SECONDS", 120),
         visibility_timeout=_int("BRAINSCAN_VISIBILITY_TIMEOUT", 3600),
         local_workers=_int("BRAINSCAN_LOCAL_WORKERS", 1),
-        queue=os.environ.get("BRAINSCAN_QUEUE", "brainscan"),
+        queue=os.environ.get("BRAINSCAN_QUEUE") or "brainscan",
         # The nightly scheduler (`cli.py beat`) submits every archive root on this cron expression.
         schedule_cron=os.environ.get("BRAINSCAN_SCHEDULE_CRON") or "0 1 * * *",
         archives=_paths("BRAINSCAN_ARCHIVES"),

@@ -67,11 +67,12 @@ def _prepare(args):
 
 def cached_arrays(examples: list[Example], params: dict, cache_dir: Path, workers: int = 2) -> np.ndarray:
     """Preprocessed arrays for examples, decoded once and cached by content hash and parameters."""
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    # float32, as inference sees them: the cache must not round what the model trains on.
+    key = hashlib.sha256(json.dumps({**params, "dtype": "float32"}, sort_keys=True).encode()).hexdigest()[:12]
     cache_dir = Path(cache_dir) / f"prep-{key}"
     cache_dir.mkdir(parents=True, exist_ok=True)
     size = params["size"]
-    out = np.zeros((len(examples), size, size, 1), dtype=np.float16)
+    out = np.zeros((len(examples), size, size, 1), dtype=np.float32)
     todo = []
     for i, ex in enumerate(examples):
         f = cache_dir / f"{ex.sha256}.npy"
@@ -85,7 +86,7 @@ def cached_arrays(examples: list[Example], params: dict, cache_dir: Path, worker
             arrays = pool.map(_prepare, [(str(examples[i].path), params) for i in todo], chunksize=32)
             for i, arr in zip(todo, arrays):
                 out[i] = arr
-                np.save(cache_dir / f"{examples[i].sha256}.npy", arr.astype(np.float16))
+                np.save(cache_dir / f"{examples[i].sha256}.npy", arr)
     return out
 
 

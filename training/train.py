@@ -104,10 +104,11 @@ def train(cfg: TrainConfig) -> dict:
     print(f"data: {len(train_ex)} train, {len(val_ex)} validation scans (deduplicated), "
           f"preprocessed in {time.time() - t0:.0f}s", flush=True)
     y_train, y_val = tdata.label_indices(train_ex), tdata.label_indices(val_ex)
-    train_ds, val_ds = tdata.datasets(x_train, y_train, x_val, y_val, cfg.batch_size, cfg.seed, len(CLASSES))
+    batch_size = min(cfg.batch_size, len(x_train))  # a tiny data set still makes one batch per epoch
+    train_ds, val_ds = tdata.datasets(x_train, y_train, x_val, y_val, batch_size, cfg.seed, len(CLASSES))
 
     model = build_model(cfg.size, len(CLASSES), stages=cfg.stages or STAGES)
-    steps = (len(x_train) // cfg.batch_size) * cfg.epochs
+    steps = (len(x_train) // batch_size) * cfg.epochs
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, steps, warmup_target=cfg.learning_rate, warmup_steps=max(1, steps // 20)
     )

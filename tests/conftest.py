@@ -1,0 +1,126 @@
+"""Shared fixtures: real scans, a tiny trained model, the shipped model, PostgreSQL, Redis, workers."""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageOps
+
+from tests import services
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "scans"
+SHIPPED_MODEL = ROOT / "models" / "brainscan-v1.keras"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (real workers, training)")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A model trained by the project's own training code: 16 real scans, one epoch, 64 px."""
+    from training.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("tiny") / "tiny"
+    train(TrainConfig(EXAMPLES, out, epochs=1, size=64, val_fraction=0.25,
+                      cache_dir=tmp_path_factory.mktemp("cache"), command="pytest tiny model"))
+    return out.with_suffix(".keras")
+
+
+@pytest.fixture(scope="session")
+def shipped_model() -> Path:
+    """The committed default model (BRAINSCAN_TEST_MODEL overrides it while a new one trains)."""
+    path = Path(os.environ.get("BRAINSCAN_TEST_MODEL") or SHIPPED_MODEL)
+    assert path.is_file(), f"{path} missing: the shipped model must be committed"
+    return path
+
+
+def copy_examples(dest: Path) -> Path:
+    shutil.copytree(EXAMPLES, dest)
+    return dest
+
+
+@pytest.fixture
+def scan_folder(tmp_path) -> Path:
+    """The 16 real example scans in class folders, plus a truncated JPEG and an unlabelled scan."""
+    folder = copy_examples(tmp_path / "archive")
+    data = (EXAMPLES / "glioma" / "Tr-gl_0207.jpg").read_bytes()
+    (folder / "glioma" / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (folder / "unsorted").mkdir()
+    shutil.copy(EXAMPLES / "pituitary" / "Tr-pi_0956.jpg", folder / "unsorted" / "scan 1.jpg")
+    return folder
+
+
+def variant_folder(dest: Path, per_scan: int = 8) -> Path:
+    """Distinct real scans (flips and rotations of the examples, as PNG) in class folders."""
+    ops = [lambda im: im, ImageOps.mirror, ImageOps.flip, lambda im: im.rotate(90, expand=True),
+           lambda im: im.rotate(180), lambda im: im.rotate(270, expand=True),
+           lambda im: ImageOps.mirror(im.rotate(90, expand=True)), lambda im: ImageOps.flip(im.rotate(90, expand=True))]
+    for src in sorted(EXAMPLES.glob("*/*.jpg")):
+        (dest / src.parent.name).mkdir(parents=True, exist_ok=True)
+        with Image.open(src) as im:
+            im.load()
+            for i, op in enumerate(ops[:per_scan]):
+                op(im).save(dest / src.parent.name / f"{src.stem}-v{i}.png")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A fresh PostgreSQL database for this test session; fails when the server is unreachable."""
+    url = services.fresh_database()
+    yield url
+    services.drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    services.require_redis()
+    return f"{services.REDIS_URL}/0"
+
+
+@pytest.fixture
+def env_for(tmp_path, monkeypatch):
+    """Set the brainscan environment for this test and return the Settings; also the env for subprocesses."""
+    from config import load_settings
+
+    def make(model: Path, database_url: str | None = None, broker_url: str | None = None, **extra):
+        values = {"BRAINSCAN_VAR": str(tmp_path / "var"), "BRAINSCAN_MODEL": str(model),
+                  "BRAINSCAN_QUEUE": f"test-{uuid.uuid4().hex[:8]}", **{k: str(v) for k, v in extra.items()}}
+        if database_url:
+            values["DATABASE_URL"] = database_url
+        if broker_url:
+            values["BROKER_URL"] = broker_url
+        for key in ("DATABASE_URL", "BROKER_URL"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in values.items():
+            monkeypatch.setenv(key, value)
+        return load_settings(), {**os.environ, **values, "PYTHONPATH": str(ROOT)}
+
+    return make
+
+
+@pytest.fixture
+def start_worker(tmp_path):
+    """Start real `cli.py worker` processes; all are stopped at teardown."""
+    started = []
+
+    def start(env: dict) -> services.Worker:
+        worker = services.Worker(env, tmp_path / f"worker{len(started)}.log").wait_ready()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

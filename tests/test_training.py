@@ -1,0 +1,72 @@
+"""Training data and the tiny training run: deterministic leak-free split, one preprocessing, a servable model."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from training.data import cached_arrays, labelled_examples, split
+from vision.preprocess import DEFAULTS, prepare_bytes
+from tests.conftest import EXAMPLES
+
+
+@pytest.fixture
+def folder_with_duplicates(tmp_path):
+    folder = tmp_path / "train"
+    shutil.copytree(EXAMPLES, folder)
+    for src in sorted(EXAMPLES.glob("*/*.jpg"))[::3]:
+        shutil.copy(src, folder / src.parent.name / f"copy-of-{src.name}")
+    return folder
+
+
+def test_duplicates_are_removed_before_the_split(folder_with_duplicates):
+    examples = labelled_examples(folder_with_duplicates)
+
+    assert len(examples) == 16
+    assert len({e.sha256 for e in examples}) == 16
+
+
+def test_the_split_is_deterministic_for_a_seed_and_never_shares_a_hash(folder_with_duplicates):
+    examples = labelled_examples(folder_with_duplicates)
+    train_a, val_a = split(examples, 0.25, seed=7)
+    train_b, val_b = split(examples, 0.25, seed=7)
+    _, val_c = split(examples, 0.25, seed=8)
+
+    assert [e.sha256 for e in val_a] == [e.sha256 for e in val_b]
+    assert {e.sha256 for e in train_a} & {e.sha256 for e in val_a} == set()
+    assert len(val_a) == 4 and sorted(e.label for e in val_a) == ["glioma", "meningioma", "notumor", "pituitary"]
+    assert [e.sha256 for e in val_c] != [e.sha256 for e in val_a]
+
+
+def test_training_cache_holds_exactly_the_inference_arrays(tmp_path):
+    examples = labelled_examples(EXAMPLES)
+    cached = cached_arrays(examples, DEFAULTS, tmp_path)
+    again = cached_arrays(examples, DEFAULTS, tmp_path)  # read back from the cache
+
+    for ex, a, b in zip(examples, cached, again):
+        expected = prepare_bytes(ex.path.read_bytes(), DEFAULTS).array
+        np.testing.assert_array_equal(a, expected)
+        np.testing.assert_array_equal(b, expected)
+
+
+def test_tiny_training_writes_model_card_and_plots(tiny_model):
+    card = json.loads(tiny_model.with_suffix(".json").read_text())
+
+    assert card["classes"] == ["glioma", "meningioma", "notumor", "pituitary"]
+    assert card["input_size"] == 64 and card["gradcam_layer"] == "gradcam_features"
+    assert len(card["train_sha256"]) + len(card["validation_sha256"]) == 16
+    assert set(card["train_sha256"]).isdisjoint(card["validation_sha256"])
+    assert len(card["history"]) == 1 and card["training_command"] == "pytest tiny model"
+    assert (tiny_model.parent / "tiny-curves.png").stat().st_size > 0
+    assert (tiny_model.parent / "tiny-confusion.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_tiny_trained_model_is_served_by_the_local_workers(tiny_model, scan_folder, env_for):
+    from jobs.lifecycle import new_job, run_job
+
+    settings, _ = env_for(tiny_model)
+    job_id = new_job(settings, scan_folder)
+    p = run_job(settings, job_id)
+
+    assert (p.total, p.done, p.failed, p.pending) == (18, 17, 1, 0)
