@@ -17,10 +17,6 @@ EXAMPLES = ROOT / "examples" / "scans"
 SHIPPED_MODEL = ROOT / "models" / "brainscan-v1.keras"
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than a few seconds (real workers, training)")
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A model trained by the project's own training code: 16 real scans, one epoch, 64 px."""
