@@ -53,12 +53,13 @@ def job_option(fn):
 def _report_out(job_id: int | None, fmt: str) -> None:
     from db.session import session_scope
     from jobs.progress import resolve_job
-    from jobs.report import format_table, job_report
+    from jobs.report import job_report
+    from jobs.report_formats import render
 
     settings = load_settings()
     with session_scope(settings.database_url) as session:
         report = job_report(session, resolve_job(session, job_id).id)
-    click.echo(json.dumps(report, indent=1) if fmt == "json" else format_table(report))
+    click.echo(render(report, fmt))
 
 
 def _run_folder(folder, labels, batch_size, workers, follow_links, quiet=False) -> int:
@@ -86,6 +87,8 @@ batch_opt = click.option("--batch-size", type=int, help="Scans per task (default
 links_opt = click.option("--follow-links", is_flag=True, help="Follow symlinks that leave FOLDER.")
 format_opt = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
                           show_default=True)
+report_format_opt = click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "markdown"]),
+                                 default="table", show_default=True)
 
 
 @click.group()
@@ -129,14 +132,14 @@ def submit(folder, labels, batch_size, follow_links, wait):
 @batch_opt
 @links_opt
 @click.option("--workers", type=int, help="Local worker processes (default BRAINSCAN_LOCAL_WORKERS, 1).")
-@format_opt
+@report_format_opt
 @domain_errors
 def run(folder, labels, batch_size, follow_links, workers, fmt):
     """Process FOLDER on this machine with local worker processes, no broker, then print the report.
 
     Example: python cli.py run examples/scans
     """
-    _report_out(_run_folder(folder, labels, batch_size, workers, follow_links, quiet=fmt == "json"), fmt)
+    _report_out(_run_folder(folder, labels, batch_size, workers, follow_links, quiet=fmt != "table"), fmt)
 
 
 @cli.command()
@@ -144,7 +147,7 @@ def run(folder, labels, batch_size, follow_links, workers, fmt):
 @labels_opt
 @click.option("--model", type=click.Path(path_type=Path), help="Model file (default BRAINSCAN_MODEL).")
 @click.option("--workers", type=int)
-@format_opt
+@report_format_opt
 @domain_errors
 def evaluate(folder, labels, model, workers, fmt):
     """Run a labelled FOLDER through the production pipeline and print the full report.
@@ -153,7 +156,7 @@ def evaluate(folder, labels, model, workers, fmt):
     """
     if model:
         os.environ["BRAINSCAN_MODEL"] = str(model)
-    _report_out(_run_folder(folder, labels, None, workers, False, quiet=fmt == "json"), fmt)
+    _report_out(_run_folder(folder, labels, None, workers, False, quiet=fmt != "table"), fmt)
 
 
 @cli.command()
@@ -167,6 +170,21 @@ def worker(concurrency, loglevel):
     from worker.app import start_worker
 
     start_worker(concurrency, loglevel)
+
+
+@cli.command()
+@click.option("--loglevel", default="INFO", show_default=True)
+def beat(loglevel):
+    """Run the nightly scheduler: submit each BRAINSCAN_ARCHIVES root on BRAINSCAN_SCHEDULE_CRON.
+
+    Example: BRAINSCAN_ARCHIVES=/archive BRAINSCAN_SCHEDULE_CRON="0 1 * * *" python cli.py beat
+    """
+    from worker.beat import start_beat
+
+    try:
+        start_beat(loglevel)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.command()
@@ -193,14 +211,56 @@ def status(job, fmt):
 
 @cli.command()
 @job_option
-@format_opt
+@report_format_opt
+@click.option("--html", "html_out", type=click.Path(path_type=Path),
+              help="Write one self-contained HTML page (figures, Grad-CAM gallery) instead of printing.")
+@click.option("--compare", "other", type=int, metavar="OTHER",
+              help="Print metric deltas and changed predictions against job OTHER.")
 @domain_errors
-def report(job, fmt):
+def report(job, fmt, html_out, other):
     """Per-class precision, recall, F1, support and ROC-AUC, accuracy and confusion matrix of JOB.
 
-    Example: python cli.py report --format json
+    Example: python cli.py report 12 --html night-12.html
     """
-    _report_out(job, fmt)
+    if html_out is None and other is None:
+        _report_out(job, fmt)
+        return
+    if html_out is not None and other is not None:
+        raise click.UsageError("--html and --compare are separate reports: give one of them")
+    from db.session import session_scope
+    from jobs.progress import resolve_job
+
+    with session_scope(load_settings().database_url) as session:
+        job_id = resolve_job(session, job).id
+        if other is not None:
+            from jobs.compare import compare_jobs, render_comparison
+
+            click.echo(render_comparison(compare_jobs(session, job_id, other), fmt))
+            return
+        from jobs.html_report import write_html
+
+        try:
+            size = write_html(session, job_id, html_out)
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {html_out}: {exc.strerror or exc}") from None
+    click.echo(f"wrote {html_out} ({size / 1e6:.1f} MB): report of job {job_id}")
+
+
+@cli.command("jobs")
+@click.option("--limit", type=int, default=20, show_default=True, help="Newest jobs shown; 0 for all.")
+@format_opt
+@domain_errors
+def jobs_command(limit, fmt):
+    """List jobs newest first: id, started, folder, scans, failed, accuracy, status, model.
+
+    Example: python cli.py jobs --limit 5
+    """
+    from db.session import session_scope
+    from jobs.listing import format_jobs, list_jobs
+
+    with session_scope(load_settings().database_url) as session:
+        rows = list_jobs(session, limit or None)
+    click.echo(json.dumps(rows, indent=1) if fmt == "json" else format_jobs(rows))
 
 
 @cli.command()
