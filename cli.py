@@ -215,7 +215,7 @@ def status(job, fmt):
 @click.option("--html", "html_out", type=click.Path(path_type=Path),
               help="Write one self-contained HTML page (figures, Grad-CAM gallery) instead of printing.")
 @click.option("--compare", "other", type=int, metavar="OTHER",
-              help="Print metric deltas and changed predictions against job OTHER.")
+              help="Print JOB's metric deltas from job OTHER and the scans whose prediction changed.")
 @domain_errors
 def report(job, fmt, html_out, other):
     """Per-class precision, recall, F1, support and ROC-AUC, accuracy and confusion matrix of JOB.
@@ -235,7 +235,7 @@ def report(job, fmt, html_out, other):
         if other is not None:
             from jobs.compare import compare_jobs, render_comparison
 
-            click.echo(render_comparison(compare_jobs(session, job_id, other), fmt))
+            click.echo(render_comparison(compare_jobs(session, other, job_id), fmt))
             return
         from jobs.html_report import write_html
 
