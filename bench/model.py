@@ -1,0 +1,57 @@
+"""Model throughput on this machine: forward-only vs forward + batched Grad-CAM, scans/s, one JSON line.
+
+Usage: python bench/model.py [--model models/brainscan-v1.keras] [--batch 64] [--repeats 10]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from config import DEFAULT_MODEL  # noqa: E402
+
+
+def rate(fn, batch: np.ndarray, repeats: int) -> float:
+    fn(batch)  # trace and warm up
+    fn(batch)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn(batch)
+    return repeats * len(batch) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+
+    from vision.preprocess import prepare_bytes
+    from vision.runtime import Runtime
+
+    rt = Runtime(args.model, warm_batch=args.batch)
+    scans = sorted((Path(__file__).resolve().parent.parent / "examples" / "scans").glob("*/*.jpg"))
+    arrays = [prepare_bytes(p.read_bytes(), rt.preprocessing).array for p in scans]
+    batch = np.stack([arrays[i % len(arrays)] for i in range(args.batch)])
+    forward = rate(rt.explainer.forward, batch, args.repeats)
+    with_cam = rate(rt.explain, batch, args.repeats)
+    print(json.dumps({
+        "model": Path(args.model).name, "model_sha256": rt.sha256[:12], "batch": args.batch,
+        "parameters": rt.model.card.get("parameters"), "flops_per_scan": rt.model.card.get("flops_per_scan"),
+        "forward_scans_per_s": round(forward, 1), "forward_gradcam_scans_per_s": round(with_cam, 1),
+        "gradcam_cost_ratio": round(forward / with_cam, 3),
+        "device": "GPU" if rt.gpus else f"CPU ({os.cpu_count()} cores, {platform.machine()})",
+    }))
+
+
+if __name__ == "__main__":
+    main()
