@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import BmpImagePlugin, Image, ImageOps, JpegImagePlugin, PngImagePlugin, TiffImagePlugin
 
 from vision.errors import ScanError
 
 # 8000 x 8000 is far beyond any MRI slice; larger declarations are refused before decoding.
 MAX_PIXELS = 64_000_000
-FORMATS = ("JPEG", "PNG", "BMP", "TIFF")
+# Each progressive JPEG scan re-walks the whole image, so a small file repeating a scan
+# thousands of times holds a worker for minutes; encoders write a dozen scans at most.
+MAX_JPEG_SCANS = 64
 
 _MAGIC = (
     (b"\xff\xd8\xff", "JPEG"),
@@ -20,6 +21,17 @@ _MAGIC = (
     (b"II*\x00", "TIFF"),
     (b"MM\x00*", "TIFF"),
 )
+
+# The format is already known from the magic, so its plugin is used directly rather than
+# Image.open: a broken file then fails with the plugin's own reason (not "cannot identify
+# image file <_io.BytesIO ...>"), and our size limit runs before Pillow's, so every bomb is
+# refused with the same message and limit.
+_PLUGINS = {
+    "JPEG": JpegImagePlugin.JpegImageFile,
+    "PNG": PngImagePlugin.PngImageFile,
+    "BMP": BmpImagePlugin.BmpImageFile,
+    "TIFF": TiffImagePlugin.TiffImageFile,
+}
 
 
 def sniff(head: bytes) -> str | None:
@@ -37,38 +49,66 @@ def decode(data: bytes) -> np.ndarray:
     kind = sniff(data[:16])
     if kind is None:
         raise ScanError("not an image: content is not JPEG, PNG, BMP or TIFF")
+    # 0xFF in entropy-coded data is stuffed as FF 00, so FF DA is a start-of-scan marker; the
+    # few that metadata (EXIF thumbnail, ICC profile) may add keep a real file far below the limit.
+    if kind == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+        raise ScanError(f"decompression bomb: JPEG has {scans} scans (limit {MAX_JPEG_SCANS})")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise ScanError(f"decompression bomb: declares {width}x{height} pixels (limit {MAX_PIXELS})")
-            image.load()
-            image = ImageOps.exif_transpose(image)
+        image = _PLUGINS[kind](io.BytesIO(data))
+        width, height = image.size
+        if width * height > MAX_PIXELS:  # only the header has been read: nothing is allocated yet
+            raise ScanError(f"decompression bomb: declares {width}x{height} pixels (limit {MAX_PIXELS})")
+        # Truncated data raises here because ImageFile.LOAD_TRUNCATED_IMAGES is left False.
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return to_gray(image)
     except ScanError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise ScanError(f"decompression bomb: {exc}") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ScanError(f"corrupt {kind}: {exc}") from exc
-    return to_gray(image)
+    except MemoryError:
+        raise  # the machine's problem, not the scan's
+    except Exception as exc:
+        # Pillow's parsers fail on malformed input with an open-ended set of types (OSError,
+        # SyntaxError, struct.error, IndexError, KeyError, ZeroDivisionError, ...); every one
+        # of them means the same thing here: these bytes are not a readable image.
+        raise ScanError(f"corrupt {kind}: {_reason(exc)}") from exc
+
+
+def _reason(exc: Exception) -> str:
+    """An exception as a reason: Pillow's OSError/SyntaxError/ValueError messages are written for
+    people; other types (KeyError('x'), struct.error) need their name to make sense."""
+    if isinstance(exc, (OSError, SyntaxError, ValueError)) and str(exc):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def to_gray(image: Image.Image) -> np.ndarray:
-    """Grayscale float32 in [0, 1] for any Pillow mode: L, LA, P, RGB(A), CMYK, I;16, I, F."""
+    """Grayscale float32 in [0, 1] for any Pillow mode: L, LA, P, RGB(A), CMYK, I;16(B), I, F, 1, ..."""
     mode = image.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        return np.asarray(image, dtype=np.float32) / 65535.0
+    if mode.startswith("I;16"):  # I;16, I;16B, ...: np.asarray honours the byte order
+        return np.asarray(image).astype(np.float32) / 65535.0
     if mode in ("I", "F"):
-        arr = np.asarray(image, dtype=np.float32)
+        arr = np.asarray(image).astype(np.float32)
+        arr[~np.isfinite(arr)] = 0.0  # a float TIFF may hold NaN or inf
         top = float(arr.max()) if arr.size else 0.0
-        # 32-bit TIFFs carry any range; a 16-bit scan saved as I stays below 65536.
-        scale = 65535.0 if top > 255 else 255.0
+        # These modes carry no declared range: a float TIFF is often already in [0, 1], an
+        # 8- or 16-bit scan saved as 32-bit stays below 256 or 65536; anything else is
+        # scaled by its own maximum.
+        if mode == "F" and top <= 1.0:
+            scale = 1.0
+        elif top <= 255:
+            scale = 255.0
+        elif top <= 65535:
+            scale = 65535.0
+        else:
+            scale = top
         return np.clip(arr / scale, 0.0, 1.0)
-    if mode not in ("L", "RGB"):
-        # Alpha is discarded rather than composited: an MRI slice's alpha says nothing about tissue.
-        image = image.convert("RGB") if mode not in ("LA", "1") else image.convert("L")
-    if image.mode == "RGB":
+    if mode == "La":  # premultiplied alpha (TIFF); Pillow converts it only to LA
+        image = image.convert("LA")
+    # Alpha is discarded rather than composited: an MRI slice's alpha says nothing about tissue.
+    if image.mode in ("1", "LA"):
         image = image.convert("L")
+    elif image.mode != "L":
+        image = image.convert("RGB").convert("L")  # P, PA, RGBA, CMYK, YCbCr, LAB go via RGB
     return np.asarray(image, dtype=np.float32) / 255.0
