@@ -8,7 +8,7 @@ GRADCAM_LAYER = "gradcam_features"
 
 # (filters, convs) per stage; every stage but the last ends with a 2x2 max-pool.
 # The last stage stays at 1/8 of the input (16x16 at 128 px) so Grad-CAM has a usable grid.
-STAGES = ((24, 1), (32, 1), (64, 2), (128, 3))
+STAGES = ((24, 1), (48, 1), (96, 2), (192, 2))
 
 
 def conv_block(x, filters: int, name: str):

@@ -24,8 +24,8 @@ class TrainConfig:
     out: Path  # models/brainscan-v1 → models/brainscan-v1.keras, .json, -curves.png, -confusion.png
     epochs: int = 40
     batch_size: int = 32
-    learning_rate: float = 3e-3
-    weight_decay: float = 1e-4
+    learning_rate: float = 2e-3
+    weight_decay: float = 5e-4
     label_smoothing: float = 0.05
     val_fraction: float = 0.15
     seed: int = 1337

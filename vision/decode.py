@@ -44,6 +44,12 @@ def sniff(head: bytes) -> str | None:
 
 def decode(data: bytes) -> np.ndarray:
     """Decode scan bytes to a 2-D float32 array in [0, 1]; raise ScanError with the reason."""
+    return decode_sized(data)[0]
+
+
+def decode_sized(data: bytes, reduce_to: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode like `decode`, letting a JPEG decode at 1/2, 1/4 or 1/8 scale while both sides stay
+    >= reduce_to; returns the array and the (width, height) of the full-size scan."""
     if not data:
         raise ScanError("empty file (0 bytes)")
     kind = sniff(data[:16])
@@ -58,10 +64,15 @@ def decode(data: bytes) -> np.ndarray:
         width, height = image.size
         if width * height > MAX_PIXELS:  # only the header has been read: nothing is allocated yet
             raise ScanError(f"decompression bomb: declares {width}x{height} pixels (limit {MAX_PIXELS})")
+        if reduce_to and kind == "JPEG":
+            # DCT scaling skips most of the decoding work; the model needs far fewer pixels.
+            image.draft(None, (reduce_to, reduce_to))
         # Truncated data raises here because ImageFile.LOAD_TRUNCATED_IMAGES is left False.
         image.load()
+        loaded = image.size
         image = ImageOps.exif_transpose(image)
-        return to_gray(image)
+        swapped = image.size != loaded
+        return to_gray(image), ((height, width) if swapped else (width, height))
     except ScanError:
         raise
     except Image.DecompressionBombError as exc:
