@@ -70,3 +70,40 @@ def test_a_tiny_trained_model_is_served_by_the_local_workers(tiny_model, scan_fo
     p = run_job(settings, job_id)
 
     assert (p.total, p.done, p.failed, p.pending) == (18, 17, 1, 0)
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_a_checkpoint_that_resume_continues(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "m"
+    cmd = [sys.executable, "cli.py", "train", str(EXAMPLES), "--out", str(out), "--epochs", "12", "--size", "64",
+           "--val-fraction", "0.25"]
+    env = {**__import__("os").environ, "BRAINSCAN_VAR": str(tmp_path / "var")}
+    log = tmp_path / "first.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while b"epoch 3/12" not in log.read_bytes() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    first = log.read_text()
+    interrupted_after = max(int(line.split()[1].split("/")[0]) for line in first.splitlines()
+                            if line.startswith("epoch "))
+
+    resumed = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    resumed_epochs = [int(line.split()[1].split("/")[0]) for line in resumed.stdout.splitlines()
+                      if line.startswith("epoch ")]
+    card = json.loads(out.with_suffix(".json").read_text())
+
+    assert proc.returncode == 1 and "continue with --resume" in first
+    assert interrupted_after < 12
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert resumed_epochs == list(range(interrupted_after + 1, 13))
+    assert [h["epoch"] for h in card["history"]] == list(range(1, 13))
