@@ -89,7 +89,7 @@ def test_sigkilled_worker_mid_batch_is_redelivered_with_one_result_per_scan(tmp_
     assert unlinked == 0
 
 
-def test_purged_queue_is_completed_by_resume(tmp_path, shipped_model, pg_url, redis_url, env_for, start_worker):
+def test_purged_queue_is_completed_by_resume(pg_url, redis_url, tmp_path, shipped_model, env_for, start_worker):
     folder = variant_folder(tmp_path / "variants", per_scan=4)  # 64 distinct scans
     settings, env = env_for(shipped_model, pg_url, redis_url, BRAINSCAN_BATCH_SIZE=8)
     job_id = new_job(settings, folder)

@@ -95,3 +95,18 @@ def test_run_with_an_unreadable_model_fails_without_leaving_a_job(scan_folder, e
 
     assert result.exit_code == 1
     assert result.output == f"Error: {tmp_path / 'bad.json'}: model card not found next to the model\n"
+
+
+def test_scans_the_model_was_trained_on_are_counted_and_left_out_of_unseen(tiny_model, scan_folder, env_for):
+    from PIL import Image
+
+    Image.open(scan_folder / "glioma" / "Tr-gl_0207.jpg").rotate(90).save(scan_folder / "glioma" / "new.png")
+    env_for(tiny_model)
+    report = run_json("run", str(scan_folder))
+
+    # The tiny model was trained and validated on the 16 example scans; only the rotated copy is new.
+    assert report["labelled"] == 17 and report["seen_in_training"] == 16
+    assert report["unseen"]["labelled"] == 1
+    assert set(report["unseen"]) == {"labelled", "accuracy", "per_class", "macro_avg", "weighted_avg",
+                                     "confusion_matrix"}
+    assert report["unseen"]["per_class"]["glioma"]["support"] == 1
