@@ -1,4 +1,6 @@
-"""`report JOB --compare OTHER`: metric deltas between two jobs and the scans whose prediction changed.
+"""`report JOB --compare OTHER`: JOB's metric deltas from the baseline OTHER, and the scans whose prediction changed.
+
+compare_jobs(session, a, b) reports b - a; the CLI passes a = OTHER, b = JOB.
 
 Scans are matched by content (Scan.sha256), so a scan that moved or was renamed still matches and two
 copies of one file count once. A prediction can only change between jobs run with different models:

@@ -168,7 +168,7 @@ PAGE = Template("""<!DOCTYPE html>
 <style>
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d1d1f; margin: 0;
        background: #f6f6f8; }
-main { max-width: 1200px; margin: 0 auto; padding: 20px 28px 48px; }
+main { max-width: 1240px; margin: 0 auto; padding: 16px 20px 48px; }
 h1 { font-size: 24px; margin: 8px 0 4px; } h2 { font-size: 19px; margin: 30px 0 10px; border-bottom: 1px solid #ddd;
 padding-bottom: 4px; } h3 { font-size: 15px; margin: 18px 0 8px; }
 .sub { color: #555; margin: 0 0 14px; word-break: break-all; }
@@ -184,7 +184,8 @@ tr.avg td { background: #fafafa; font-style: italic; }
 .chip { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: 6px; vertical-align: 0; }
 .figs { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
 .figs figure { margin: 0; background: #fff; border: 1px solid #e2e2e6; border-radius: 8px; padding: 8px; }
-.figs figcaption { color: #555; font-size: 12px; max-width: 520px; }
+.figs figcaption { color: #555; font-size: 12px; max-width: 370px; }
+.row { display: flex; flex-wrap: wrap; gap: 24px; align-items: flex-start; }
 .note { background: #fff8e1; border-left: 4px solid #f0b400; padding: 8px 12px; }
 .gallery { display: flex; flex-wrap: wrap; gap: 12px; }
 .scan { margin: 0; background: #fff; border: 1px solid #e2e2e6; border-radius: 8px; padding: 8px; width: 502px; }
@@ -255,6 +256,7 @@ def _duration(seconds: float) -> str:
 def _summary(report: dict, job: Job, model: Model) -> str:
     card = model.card
     validation = card.get("validation") or {}
+    val_f1 = (validation.get("macro_avg") or {}).get("f1")
     started, finished = _aware(job.created_at), _aware(job.finished_at)
     seconds = (finished - started).total_seconds() if finished else None
     processed = report["scans"] - report["pending"]
@@ -273,7 +275,7 @@ def _summary(report: dict, job: Job, model: Model) -> str:
         _card("throughput", f"{rate:.2f} scans/s" if rate is not None else "n/a", field="scans_per_second",
               data=rate),
         _card("model", e(model.name), f"{model.sha256[:12]} · validation accuracy "
-              f"{_num(validation.get('accuracy'), 4)}, macro F1 {_num((validation.get('macro_avg') or {}).get('f1'), 4)}"
+              f"{_num(validation.get('accuracy'), 4)}, macro F1 {_num(val_f1, 4)}"
               f" on {val_n} scans", field="model", data=None),
     ]
     return (f"<h1>brainscan report · job {report['job']}</h1>"
@@ -294,7 +296,7 @@ def _class_table(report: dict) -> str:
         rows.append(f'<tr class="avg"><td class=l>{label}</td>' + _cell(m["precision"], name, "precision")
                     + _cell(m["recall"], name, "recall") + _cell(m["f1"], name, "f1")
                     + _cell(report["labelled"], name, "support") + "<td></td></tr>")
-    rows.append(f'<tr class="avg"><td class=l>accuracy</td><td colspan=2></td>'
+    rows.append('<tr class="avg"><td class=l>accuracy</td><td colspan=2></td>'
                 + _cell(report["accuracy"], "accuracy", "accuracy") + _cell(report["labelled"], "accuracy", "support")
                 + "<td></td></tr>")
     return f'<table id="per-class">{head}{"".join(rows)}</table>'
@@ -348,7 +350,8 @@ def _metrics_section(report: dict, done: Done, classes: list[str]) -> str:
     aucs = {c: m["auc"] for c, m in report["per_class"].items()}
     figs = [
         _figure(plots.confusion_png(report["confusion_matrix"]["matrix"], report["confusion_matrix"]["labels"]),
-                "confusion matrix", "Confusion matrix: counts, shaded by the share of each true class.", "fig-confusion"),
+                "confusion matrix", "Confusion matrix: counts, shaded by the share of each true class.",
+                "fig-confusion"),
         _figure(plots.roc_png(y_true, probs, classes, aucs), "ROC curves",
                 "One-vs-rest ROC curves of each class with their area under the curve.", "fig-roc"),
         _figure(plots.reliability_png(calibration), "reliability diagram",
@@ -356,8 +359,9 @@ def _metrics_section(report: dict, done: Done, classes: list[str]) -> str:
                 f'Expected calibration error <b data-metric="ece" data-value="{_data(calibration["ece"])}">'
                 f'{_num(calibration["ece"])}</b> (bin-size-weighted mean gap).', "fig-reliability"),
     ]
-    return ('<section id="metrics"><h2>Metrics</h2>' + _class_table(report) + _seen_table(report)
-            + "<h3>Confusion matrix (rows = true, columns = predicted)</h3>" + _confusion_table(report["confusion_matrix"])
+    return ('<section id="metrics"><h2>Metrics</h2><div class="row"><div><h3>Per class</h3>' + _class_table(report)
+            + "</div><div><h3>Confusion matrix (rows = true, columns = predicted)</h3>"
+            + _confusion_table(report["confusion_matrix"]) + "</div></div>" + _seen_table(report)
             + f'<div class="figs">{"".join(figs)}</div></section>')
 
 
@@ -369,8 +373,8 @@ def _predictions_section(done: Done, classes: list[str]) -> str:
                     "Scans predicted as each class (all done scans, labelled or not).", "fig-predictions")
             + _figure(plots.confidence_hist_png(done.confidence, done.predicted, classes), "confidence histogram",
                       "Probability of the predicted class, stacked by predicted class.", "fig-confidence"))
-    return (f'<section id="predictions"><h2>Predictions</h2><table id="predicted"><tr><th class=l>predicted</th>'
-            f'<th>scans</th></tr>{rows}</table><div class="figs">{figs}</div></section>')
+    return (f'<section id="predictions"><h2>Predictions</h2><div class="figs"><table id="predicted"><tr>'
+            f'<th class=l>predicted</th><th>scans</th></tr>{rows}</table>{figs}</div></section>')
 
 
 def _scan_card(pick: Pick, art: dict) -> str:
@@ -387,7 +391,8 @@ def _scan_card(pick: Pick, art: dict) -> str:
     return (f'<figure class="scan" data-scan="{pick.scan_id}"><div class="panelnames"><span>original</span>'
             f"<span>Grad-CAM</span><span>overlay</span></div><div class=panels>"
             f'{panel("original")}{panel("heatmap")}{panel("overlay")}</div>'
-            f"<figcaption>{e(art['path'])}<br>{truth}{predicted} · p = {pick.probability:.3f}{seen}</figcaption></figure>")
+            f"<figcaption>{e(art['path'])}<br>{truth}{predicted} · p = {pick.probability:.3f}{seen}</figcaption>"
+            "</figure>")
 
 
 def _gallery_section(session: Session, job: Job, groups: dict[str, list[Pick]]) -> str:

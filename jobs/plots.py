@@ -38,7 +38,7 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def _figure(width: float = 5.2, height: float = 4.2) -> Figure:
+def _figure(width: float = 3.7, height: float = 3.3) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
@@ -47,20 +47,20 @@ def confusion_png(matrix: list[list[int]], labels: list[str]) -> bytes:
     m = np.asarray(matrix, dtype=np.float64).reshape(len(labels), len(labels))
     rows = m.sum(axis=1, keepdims=True)
     share = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
-    fig = _figure(5.4, 4.6)
+    fig = _figure(3.7, 3.3)
     ax = fig.add_subplot()
     image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     for i in range(len(labels)):
         for j in range(len(labels)):
             ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=11,
                     color="white" if share[i, j] > 0.55 else "black")
-    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=9)
+    ax.set_yticks(range(len(labels)), labels, fontsize=9)
     for tick in (*ax.get_xticklabels(), *ax.get_yticklabels()):
         tick.set_color(colour(tick.get_text()))
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    fig.colorbar(image, ax=ax, label="share of true class", shrink=0.85)
+    fig.colorbar(image, ax=ax, shrink=0.8).set_label("share of true class", fontsize=9)
     return _png(fig)
 
 
@@ -83,7 +83,7 @@ def roc_png(y_true: list[str], probs: np.ndarray, classes: list[str], aucs: dict
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.legend(loc="lower right", fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     return _png(fig)
 
@@ -109,35 +109,36 @@ def reliability_png(calibration: dict) -> bytes:
     """Accuracy against confidence per bin over the diagonal of perfect calibration, with bin counts below."""
     bins = calibration["bins"]
     width = bins[0]["high"] - bins[0]["low"]
-    fig = _figure(5.2, 5.0)
+    fig = _figure(3.7, 3.3)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     full = [b for b in bins if b["count"]]
+    centres = [(b["low"] + b["high"]) / 2 for b in full]
     top.bar([b["low"] for b in full], [b["accuracy"] for b in full], width=width, align="edge",
             color="#4C72B0", edgecolor="white", label="accuracy")
-    top.bar([b["low"] for b in full], [b["confidence"] - b["accuracy"] for b in full], width=width, align="edge",
-            bottom=[b["accuracy"] for b in full], color="#DD8452", alpha=0.35, hatch="//", edgecolor="#DD8452",
-            label="gap to confidence")
+    top.vlines(centres, [b["accuracy"] for b in full], [b["confidence"] for b in full], color="#C44E52", lw=2)
+    top.plot(centres, [b["confidence"] for b in full], "D", color="#C44E52", ms=4, label="mean confidence")
     top.plot([0, 1], [0, 1], ls="--", color="#555555", lw=1, label="perfect calibration")
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
     top.set_title(f"expected calibration error {calibration['ece']:.3f}", fontsize=10)
-    top.legend(loc="upper left", fontsize=8)
+    top.legend(loc="upper left", fontsize=7)
     top.grid(alpha=0.3)
     bottom.bar([b["low"] for b in bins], [b["count"] for b in bins], width=width, align="edge", color="#888888",
                edgecolor="white")
     bottom.set_xlim(0, 1)
-    bottom.set_xlabel("confidence (probability of the predicted class)")
+    bottom.set_xlabel("confidence (probability of predicted class)", fontsize=9)
     bottom.set_ylabel("scans")
     return _png(fig)
 
 
 def prediction_counts_png(counts: dict[str, int]) -> bytes:
     """Bar per class: how many scans were predicted as it."""
-    fig = _figure(5.2, 3.6)
+    fig = _figure(3.7, 2.8)
     ax = fig.add_subplot()
     names = list(counts)
     bars = ax.bar(names, [counts[c] for c in names], color=[colour(c) for c in names])
-    ax.bar_label(bars, padding=2)
+    ax.bar_label(bars, padding=2, fontsize=9)
+    ax.tick_params(axis="x", labelsize=8)
     ax.set_ylabel("scans predicted")
     ax.margins(y=0.15)
     ax.grid(axis="y", alpha=0.3)
@@ -146,14 +147,14 @@ def prediction_counts_png(counts: dict[str, int]) -> bytes:
 
 def confidence_hist_png(confidence: np.ndarray, predicted: np.ndarray, classes: list[str]) -> bytes:
     """Histogram of the predicted class's probability, stacked by predicted class."""
-    fig = _figure(5.2, 3.6)
+    fig = _figure(3.7, 2.8)
     ax = fig.add_subplot()
     data = [confidence[predicted == i] for i in range(len(classes))]
     ax.hist(data, bins=20, range=(0, 1), stacked=True, color=[colour(c) for c in classes], label=classes)
     ax.set_xlim(0, 1)
-    ax.set_xlabel("confidence (probability of the predicted class)")
+    ax.set_xlabel("confidence (probability of predicted class)", fontsize=9)
     ax.set_ylabel("scans")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)
 

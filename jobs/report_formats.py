@@ -13,6 +13,7 @@ from jobs.report import format_table
 
 FORMATS = ("table", "json", "csv", "markdown")
 CSV_COLUMNS = ("scope", "row", "precision", "recall", "f1", "support", "auc", "accuracy")
+CLASS_METRICS = ("precision", "recall", "f1", "support", "auc")
 
 
 def _csv_num(value) -> str:
@@ -24,7 +25,7 @@ def csv_rows(report: dict) -> list[dict]:
     rows = []
     for scope, block in (("all", report), ("unseen", report["unseen"])):
         for cls, m in block["per_class"].items():
-            rows.append({"scope": scope, "row": cls, **{k: m[k] for k in ("precision", "recall", "f1", "support", "auc")}})
+            rows.append({"scope": scope, "row": cls, **{k: m[k] for k in CLASS_METRICS}})
         for name in ("macro_avg", "weighted_avg"):
             rows.append({"scope": scope, "row": name, **block[name], "support": block["labelled"]})
         rows.append({"scope": scope, "row": "accuracy", "support": block["labelled"], "accuracy": block["accuracy"]})
@@ -82,7 +83,8 @@ def to_markdown(report: dict) -> str:
         lines += ["## Per class", ""] + _md_metrics(report) + [""]
         cm = report["confusion_matrix"]
         lines += ["## Confusion matrix (rows = true, columns = predicted)", ""]
-        lines += _md_table(["true \\ predicted", *cm["labels"]], [[c, *row] for c, row in zip(cm["labels"], cm["matrix"])])
+        lines += _md_table(["true \\ predicted", *cm["labels"]],
+                           [[c, *row] for c, row in zip(cm["labels"], cm["matrix"])])
         u = report["unseen"]
         lines += ["", "## Scans the model did not see in training", "",
                   f"{report['seen_in_training']} labelled scans were in the model's training or validation set; "
