@@ -36,8 +36,9 @@ FAILURES = ("corrupt JPEG: image file is truncated", "file not found: deleted or
 def cli(env: dict, *args: str, stdout=subprocess.DEVNULL) -> tuple[float, float]:
     """Run `python cli.py ARGS`; (wall seconds, peak RSS in MiB) of that process alone."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env=env, stdout=stdout,
-                            stderr=subprocess.PIPE)
+    # Run from the work folder: training's var/cache lands there, not in the checkout.
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=env["BRAINSCAN_VAR"], env=env,
+                            stdout=stdout, stderr=subprocess.PIPE)
     # Read stderr while waiting so a chatty child cannot block on a full pipe.
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -127,7 +128,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="Work in this folder and keep it (default: a temporary one).")
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-report-"))
-    work.mkdir(parents=True, exist_ok=True)
+    (work / "var").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "BRAINSCAN_VAR": str(work / "var"), "BRAINSCAN_MODEL": str(work / "model" / "tiny.keras"),
            "PYTHONPATH": str(ROOT)}
     for key in ("DATABASE_URL", "BROKER_URL"):

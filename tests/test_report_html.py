@@ -145,6 +145,9 @@ def site(tmp_path_factory):
     unlabelled.mkdir()
     for i, src in enumerate(sorted(EXAMPLES.glob("*/*.jpg"))[::3]):
         shutil.copy(src, unlabelled / f"scan-{i}.jpg")
+    broken = work / "broken"
+    (broken / "glioma").mkdir(parents=True)
+    (broken / "glioma" / "truncated.jpg").write_bytes(data[: len(data) // 3])
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("DATABASE_URL", raising=False)
         mp.delenv("BROKER_URL", raising=False)
@@ -152,7 +155,7 @@ def site(tmp_path_factory):
         mp.setenv("BRAINSCAN_MODEL", str(model))
         settings = load_settings()
         jobs = {}
-        for name, folder in (("labelled", labelled), ("unlabelled", unlabelled)):
+        for name, folder in (("labelled", labelled), ("unlabelled", unlabelled), ("broken", broken)):
             jobs[name] = new_job(settings, folder)
             run_job(settings, jobs[name], workers=1)
         pages, outputs = {}, {}
@@ -164,7 +167,7 @@ def site(tmp_path_factory):
             outputs[name] = result.output
         browsed = {name: open_in_chromium(page, work) for name, page in pages.items()}
         yield {"settings": settings, "jobs": jobs, "pages": pages, "outputs": outputs, "browsed": browsed,
-               "folders": {"labelled": labelled, "unlabelled": unlabelled}}
+               "folders": {"labelled": labelled, "unlabelled": unlabelled, "broken": broken}}
 
 
 def _value(text: str):
@@ -178,14 +181,14 @@ def test_cli_writes_the_page_and_says_where(site):
                                            f"report of job {job}\n")
 
 
-@pytest.mark.parametrize("name", ["labelled", "unlabelled"])
+@pytest.mark.parametrize("name", ["labelled", "unlabelled", "broken"])
 def test_chromium_shows_no_console_message_and_no_error(site, name):
     _, checks, console = site["browsed"][name]
     assert checks["errors"] == []
     assert console == []
 
 
-@pytest.mark.parametrize("name", ["labelled", "unlabelled"])
+@pytest.mark.parametrize("name", ["labelled", "unlabelled", "broken"])
 def test_every_image_decodes_in_chromium(site, name):
     dom, checks, _ = site["browsed"][name]
     images = checks["images"]
@@ -368,3 +371,13 @@ def test_the_checks_catch_a_broken_image_and_a_blocked_request(site, tmp_path):
     assert [(i["alt"], i["width"]) for i in checks["images"] if i["width"] == 0] == [("broken", 0), ("remote", 0)]
     assert "csp: img-src https://example.invalid/x.png" in checks["errors"]
     assert any("violates the following Content Security Policy" in line for line in console)
+
+
+def test_job_without_any_result_says_so_and_lists_its_failures(site):
+    dom, checks, _ = site["browsed"]["broken"]
+    assert dom.find_all("p", id="nothing-done")[0].text() == (
+        "No scan has a result yet (every scan failed or is pending), so there are no metrics or heatmaps.")
+    assert [s.attrs["id"] for s in dom.find_all("section")] == ["summary", "failed"]
+    assert checks["images"] == []
+    table = dom.find_all("table", id="failed-scans")[0]
+    assert [td.text() for td in table.find_all("td")][0] == "glioma/truncated.jpg"
