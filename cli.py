@@ -81,6 +81,15 @@ def _total(settings, job_id: int) -> int:
         return session.get_one(Job, job_id).total
 
 
+def _skipped(settings, job_id: int) -> int:
+    from db.models import Job
+    from db.session import session_scope
+
+    with session_scope(settings.database_url) as session:
+        return session.get_one(Job, job_id).skipped or 0
+
+
+# FOLDER may also be a .zip archive: its scans are read in place, paths are member names.
 folder_arg = click.argument("folder", type=click.Path(path_type=Path))
 labels_opt = click.option("--labels", type=click.Path(path_type=Path), help="CSV with path,label columns.")
 batch_opt = click.option("--batch-size", type=int, help="Scans per task (default BRAINSCAN_BATCH_SIZE, 32).")
@@ -104,7 +113,7 @@ def cli():
 @click.option("--wait", is_flag=True, help="Show progress until done, re-enqueueing lost work.")
 @domain_errors
 def submit(folder, labels, batch_size, follow_links, wait):
-    """Record the scans of FOLDER as a job and enqueue it for the workers.
+    """Record the scans of FOLDER (or a .zip archive) as a job and enqueue it for the workers.
 
     Example: python cli.py submit /archive/2026-11-28 --wait
     """
@@ -116,7 +125,9 @@ def submit(folder, labels, batch_size, follow_links, wait):
         raise click.ClickException("BROKER_URL is not set: use `python cli.py run FOLDER` to process locally")
     job_id = new_job(settings, folder, labels, batch_size, follow_links)
     tasks = enqueue_job(settings, job_id)
-    click.echo(f"job {job_id}: {_total(settings, job_id)} scans in {tasks} batches enqueued")
+    skipped = _skipped(settings, job_id)
+    click.echo(f"job {job_id}: {_total(settings, job_id)} scans in {tasks} batches enqueued"
+               + (f"; {skipped} DICOM object(s) without pixel data skipped" if skipped else ""))
     if wait:
         with click.progressbar(length=_total(settings, job_id), label=f"job {job_id}", file=sys.stderr,
                                show_pos=True, show_eta=True) as bar:
@@ -135,7 +146,8 @@ def submit(folder, labels, batch_size, follow_links, wait):
 @report_format_opt
 @domain_errors
 def run(folder, labels, batch_size, follow_links, workers, fmt):
-    """Process FOLDER on this machine with local worker processes, no broker, then print the report.
+    """Process FOLDER (or a .zip archive) on this machine with local worker processes, no broker, then print
+    the report.
 
     Example: python cli.py run examples/scans
     """
@@ -150,7 +162,7 @@ def run(folder, labels, batch_size, follow_links, workers, fmt):
 @report_format_opt
 @domain_errors
 def evaluate(folder, labels, model, workers, fmt):
-    """Run a labelled FOLDER through the production pipeline and print the full report.
+    """Run a labelled FOLDER (or .zip archive) through the production pipeline and print the full report.
 
     Example: python cli.py evaluate ../Testing --model models/brainscan-v1.keras --format json
     """
@@ -326,7 +338,7 @@ def migrate():
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint.")
 @domain_errors
 def train(data, out, epochs, batch_size, size, seed, val_fraction, resume):
-    """Train the CNN on the class folders of DATA; write the model, its card and plots.
+    """Train the CNN on the class folders of DATA (a folder or .zip archive); write the model, card and plots.
 
     Example: python cli.py train ../shared/data/brain-tumor-mri/Training --out models/brainscan-v1
     """

@@ -43,6 +43,7 @@ class Job(Base):
     accuracy: Mapped[float | None] = mapped_column(Float)
     macro_f1: Mapped[float | None] = mapped_column(Float)
     report: Mapped[dict | None] = mapped_column(JSON)  # the stored `report --format json` object
+    skipped: Mapped[int | None] = mapped_column(Integer)  # DICOM objects without pixel data left out at submit
     model: Mapped[Model] = relationship()
 
 
@@ -85,6 +86,12 @@ class Scan(Base):
     result_id: Mapped[int | None] = mapped_column(ForeignKey("results.id"))
     from_cache: Mapped[bool] = mapped_column(Boolean, default=False)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # DICOM scans only; Text because malformed files carry over-long values that must not fail a submit.
+    study_instance_uid: Mapped[str | None] = mapped_column(Text)
+    series_instance_uid: Mapped[str | None] = mapped_column(Text)
+    sop_instance_uid: Mapped[str | None] = mapped_column(Text)
+    modality: Mapped[str | None] = mapped_column(Text)
+    series_description: Mapped[str | None] = mapped_column(Text)
     result: Mapped[Result | None] = relationship()
 
 

@@ -9,8 +9,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import Job, Model, Result, Scan
+from jobs import sources
 from jobs.heatmaps import gray_png, overlay, scan_heatmap
 from jobs.progress import JobNotFound
+from vision.dicom import META_COLUMNS
 from vision.decode import decode
 from vision.errors import ScanError
 
@@ -44,12 +46,13 @@ def export_job(session: Session, job_id: int, out: Path, progress=None) -> dict:
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "sha256", "true_label", "predicted_label", *[f"p_{c}" for c in classes],
-                         "status", "error", "model_sha256"])
+                         "status", "error", "model_sha256", *META_COLUMNS])
         for scan, result in rows:
             probs = result.probabilities if result else [""] * len(classes)
             writer.writerow([scan.path, scan.sha256, scan.true_label or "",
                              result.predicted_label if result else "", *probs, scan.status, scan.error or "",
-                             result.model_sha256 if result else ""])
+                             result.model_sha256 if result else "",
+                             *(getattr(scan, name) or "" for name in META_COLUMNS)])
             if result is not None:
                 try:
                     written = write_images(out, scan, result, Path(job.folder))
@@ -63,14 +66,11 @@ def export_job(session: Session, job_id: int, out: Path, progress=None) -> dict:
 
 
 def write_images(out: Path, scan: Scan, result: Result, folder: Path) -> bool:
-    """Heatmap and overlay PNGs of one scan on its own pixel grid."""
+    """Heatmap and overlay PNGs of one scan (file, archive member or DICOM frame) on its own pixel grid."""
     heat_path = inside(out, scan.path, "heatmaps")
     over_path = inside(out, scan.path, "overlays")
-    try:
-        data = (folder / scan.path).read_bytes()
-    except OSError:
-        return False
-    gray = decode(data)
+    data, frame = sources.load(folder, scan.path)  # ScanError when it is gone
+    gray = decode(data, frame=frame)
     cam = scan_heatmap(result.heatmap, result.heatmap_height, result.heatmap_width, result.geometry)
     if cam.shape != gray.shape:
         return False

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import numpy as np
 from sqlalchemy import select, update
@@ -16,6 +15,7 @@ from sqlalchemy import select, update
 from db.models import Job, Result, Scan
 from db.session import session_scope
 from db.upsert import insert_ignore
+from jobs import sources
 from vision.errors import ModelError, ScanError
 from vision.preprocess import prepare_bytes
 
@@ -47,17 +47,11 @@ def _now() -> datetime:
 
 
 def read_scan(folder: str, relpath: str, expected_sha: str) -> bytes:
-    """The bytes of a scan as submitted; ScanError if missing, unreadable or changed since submit."""
-    path = Path(folder) / relpath
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ScanError("file not found: deleted or moved after submit") from None
-    except PermissionError:
-        raise ScanError("permission denied: the worker cannot read this file") from None
-    except OSError as exc:
-        raise ScanError(f"cannot read file: {exc.strerror or exc}") from None
-    if expected_sha and hashlib.sha256(data).hexdigest() != expected_sha:
+    """The bytes of a scan's file as submitted (from a folder or ZIP archive; for a frame of a multi-frame
+    DICOM object, its whole file); ScanError if missing, unreadable or changed since submit."""
+    file_relpath, frame = sources.split_frame(relpath)
+    data = sources.read_bytes(folder, file_relpath)
+    if expected_sha and sources.scan_sha256(hashlib.sha256(data).hexdigest(), frame) != expected_sha:
         raise ScanError("file changed after submit (SHA-256 differs)")
     if not expected_sha:
         raise ScanError("file could not be read at submit")
@@ -104,7 +98,7 @@ def classify(url: str, runtime, job: Job, scans: list[Scan]) -> BatchOutcome:
                 continue
             try:
                 prepared[scan.sha256] = prepare_bytes(read_scan(job.folder, scan.path, scan.sha256),
-                                                      runtime.preprocessing)
+                                                      runtime.preprocessing, frame=sources.split_frame(scan.path)[1])
             except ScanError as exc:
                 failures[scan.id] = str(exc)
         if prepared:

@@ -49,6 +49,9 @@ def job_report(session: Session, job_id: int) -> dict:
     reasons = Counter(dict(session.execute(
         select(Scan.error, func.count()).where(Scan.job_id == job_id, Scan.status == "failed").group_by(Scan.error)
     ).all()))
+    modalities = dict(session.execute(
+        select(Scan.modality, func.count()).where(Scan.job_id == job_id, Scan.modality.is_not(None))
+        .group_by(Scan.modality).order_by(Scan.modality)).all())
     rows = labelled_rows(session, job_id)
     seen = seen_hashes(model.card)
     unseen_rows = [r for r in rows if r.sha256 not in seen]
@@ -68,6 +71,9 @@ def job_report(session: Session, job_id: int) -> dict:
         "seen_in_training": len(rows) - len(unseen_rows),
         "unseen": {"labelled": len(unseen_rows), **_metrics(unseen_rows, classes)},
         "failures": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0] or ""))),
+        # DICOM: scans by modality, and objects without pixel data (SR, presentation states) not submitted.
+        "modalities": modalities,
+        "skipped": int(job.skipped or 0),
     }
 
 
@@ -97,6 +103,10 @@ def format_table(report: dict) -> str:
         f"{report['unlabelled']} unlabelled (not in metrics), {report['failed']} failed, {report['pending']} pending",
         f"model {report['model']} {report['model_sha256'][:12]}",
     ]
+    if report.get("modalities") or report.get("skipped"):
+        by_modality = ", ".join(f"{m} {n}" for m, n in report.get("modalities", {}).items()) or "none"
+        lines.append(f"DICOM scans by modality: {by_modality}; {report.get('skipped', 0)} object(s) without "
+                     "pixel data skipped at submit")
     if not report["labelled"]:
         lines.append("no labelled scans: metrics need labels (class folders or --labels FILE.csv)")
     else:

@@ -7,9 +7,12 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from db.models import Job, Model, Scan
-from jobs.labels import LabelError, label_from_path, read_labels_csv
-from jobs.scanning import find_scans
+from jobs.labels import LabelError, label_from_path, label_keys, labelled, read_labels_csv
+from jobs.scanning import list_scans
+from vision.dicom import DicomInfo
 from vision.modelio import read_card
+
+NOT_DICOM = DicomInfo(0).columns()  # every row carries the DICOM columns: executemany needs one shape
 
 
 def register_model(session: Session, model_path: Path) -> Model:
@@ -26,24 +29,30 @@ def register_model(session: Session, model_path: Path) -> Model:
 
 def create_job(session: Session, folder: Path, model_path: Path, batch_size: int,
                labels_csv: Path | None = None, follow_links: bool = False) -> Job:
-    """Record a job and all its scans (not yet committed: the caller commits, then enqueues)."""
+    """Record a job and all its scans (not yet committed: the caller commits, then enqueues).
+
+    folder may be a ZIP archive; DICOM objects without pixel data are counted in job.skipped.
+    """
     folder = Path(folder)
     labels = read_labels_csv(labels_csv) if labels_csv else None
-    found = find_scans(folder, follow_links=follow_links)
+    listing = list_scans(folder, follow_links=follow_links)
+    found = listing.scans
     if labels is not None:
-        unknown = sorted(set(labels) - {f.relpath for f in found})
+        unknown = sorted(set(labels) - {key for f in found for key in label_keys(f.relpath, _uid(f))})
         if unknown:
             raise LabelError(f"{labels_csv}: {len(unknown)} path(s) are not scans of {folder}, e.g. {unknown[0]!r}")
     model = register_model(session, model_path)
     job = Job(folder=str(folder.resolve()), model_sha256=model.sha256, batch_size=batch_size,
-              labels_source=str(labels_csv) if labels_csv else "folders", total=len(found))
+              labels_source=str(labels_csv) if labels_csv else "folders", total=len(found),
+              skipped=listing.skipped)
     session.add(job)
     session.flush()
     rows = [
         {
             "job_id": job.id, "path": f.relpath, "sha256": f.sha256, "size": f.size,
-            "true_label": labels.get(f.relpath) if labels is not None else label_from_path(f.relpath),
+            "true_label": labelled(labels, f.relpath, _uid(f)) if labels is not None else label_from_path(f.relpath),
             "status": "pending", "attempts": 0, "from_cache": False,
+            **(f.dicom.columns() if f.dicom else NOT_DICOM),
         }
         for f in found
     ]
@@ -51,6 +60,10 @@ def create_job(session: Session, folder: Path, model_path: Path, batch_size: int
     for start in range(0, len(rows), 5000):
         session.execute(insert(Scan), rows[start : start + 5000])
     return job
+
+
+def _uid(found) -> str | None:
+    return found.dicom.sop_instance_uid if found.dicom else None
 
 
 def batches(scan_ids: list[int], size: int) -> list[list[int]]:

@@ -91,7 +91,7 @@ def test_empty_file_is_refused_as_empty():
 
 def test_text_file_is_refused_as_not_an_image():
     assert reason(b"Patient 0042, axial T1, see attached.\n") == (
-        "not an image: content is not JPEG, PNG, BMP or TIFF"
+        "not an image: content is not JPEG, PNG, BMP, TIFF or DICOM"
     )
 
 

@@ -64,7 +64,8 @@ def test_export_writes_csv_and_heatmaps_on_each_scans_pixel_grid(scan_folder, sh
     with open(out / "results.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["path", "sha256", "true_label", "predicted_label", *[f"p_{c}" for c in CLASSES],
-                             "status", "error", "model_sha256"]
+                             "status", "error", "model_sha256", "study_instance_uid", "series_instance_uid",
+                             "sop_instance_uid", "modality", "series_description"]
     assert len(rows) == 18
     by_path = {r["path"]: r for r in rows}
     assert by_path["glioma/truncated.jpg"]["status"] == "failed"

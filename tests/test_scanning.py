@@ -251,7 +251,7 @@ def test_file_given_as_folder_is_refused(tmp_path):
     path = put(tmp_path / "scan.jpg")
     with pytest.raises(FolderError) as caught:
         find_scans(path)
-    assert str(caught.value) == f"{path}: not a folder"
+    assert str(caught.value) == f"{path}: not a folder (nor a .zip archive)"
 
 
 def test_empty_folder_is_refused(folder):
@@ -267,7 +267,7 @@ def test_folder_without_scans_is_refused_with_the_number_of_files_seen(folder):
     with pytest.raises(FolderError) as caught:
         find_scans(folder)
     assert str(caught.value) == (
-        f"{folder}: no scans among 2 file(s) (looked for JPEG, PNG, BMP and TIFF content)"
+        f"{folder}: no scans among 2 file(s) (looked for JPEG, PNG, BMP, TIFF and DICOM content)"
     )
 
 
@@ -277,6 +277,6 @@ def test_folder_whose_scans_are_all_behind_links_out_says_they_were_not_followed
     with pytest.raises(FolderError) as caught:
         find_scans(folder)
     assert str(caught.value) == (
-        f"{folder}: no scans among 0 file(s) (looked for JPEG, PNG, BMP and TIFF content); "
+        f"{folder}: no scans among 0 file(s) (looked for JPEG, PNG, BMP, TIFF and DICOM content); "
         "1 symlink(s) leading out of the folder were not followed"
     )

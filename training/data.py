@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from jobs import sources
 from jobs.labels import CLASSES, label_from_path
 from jobs.scanning import find_scans
 from vision.preprocess import prepare_bytes
@@ -18,9 +19,11 @@ from vision.preprocess import prepare_bytes
 
 @dataclass
 class Example:
-    path: Path
+    path: Path  # root / relpath: a real file only when root is a folder
     sha256: str
     label: str
+    root: str = ""  # the folder or ZIP archive, and the scan's relpath in it (with a DICOM frame suffix)
+    relpath: str = ""
 
 
 class DataError(Exception):
@@ -28,7 +31,8 @@ class DataError(Exception):
 
 
 def labelled_examples(root: Path) -> list[Example]:
-    """Every scan under root with a class folder, deduplicated by content (first path wins)."""
+    """Every scan under root (a folder or ZIP archive) with a class folder, deduplicated by content
+    (first path wins)."""
     by_hash: dict[str, Example] = {}
     conflicts = []
     for scan in find_scans(root):
@@ -37,7 +41,7 @@ def labelled_examples(root: Path) -> list[Example]:
             continue
         prior = by_hash.get(scan.sha256)
         if prior is None:
-            by_hash[scan.sha256] = Example(Path(root) / scan.relpath, scan.sha256, label)
+            by_hash[scan.sha256] = Example(Path(root) / scan.relpath, scan.sha256, label, str(root), scan.relpath)
         elif prior.label != label:
             conflicts.append(scan.sha256)
     for sha in conflicts:  # the same bytes under two classes cannot teach either
@@ -61,8 +65,9 @@ def split(examples: list[Example], val_fraction: float, seed: int) -> tuple[list
 
 
 def _prepare(args):
-    path, params = args
-    return prepare_bytes(Path(path).read_bytes(), params).array
+    root, relpath, params = args
+    data, frame = sources.load(root, relpath)  # a frame of a multi-frame DICOM object decodes alone
+    return prepare_bytes(data, params, frame=frame).array
 
 
 def cached_arrays(examples: list[Example], params: dict, cache_dir: Path, workers: int = 2) -> np.ndarray:
@@ -83,11 +88,16 @@ def cached_arrays(examples: list[Example], params: dict, cache_dir: Path, worker
     if todo:
         # spawn, not fork: TensorFlow may already be loaded in this process.
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            arrays = pool.map(_prepare, [(str(examples[i].path), params) for i in todo], chunksize=32)
+            arrays = pool.map(_prepare, [_source(examples[i]) + (params,) for i in todo], chunksize=32)
             for i, arr in zip(todo, arrays):
                 out[i] = arr
                 np.save(cache_dir / f"{examples[i].sha256}.npy", arr)
     return out
+
+
+def _source(ex: Example) -> tuple[str, str]:
+    # An Example made by hand (a path, no root) is a plain file.
+    return (ex.root, ex.relpath) if ex.root else (str(ex.path.parent), ex.path.name)
 
 
 def label_indices(examples: list[Example], classes=CLASSES) -> np.ndarray:

@@ -21,6 +21,9 @@ _MAGIC = (
     (b"II*\x00", "TIFF"),
     (b"MM\x00*", "TIFF"),
 )
+# A DICOM file (PS3.10) opens with a 128-byte preamble of anything, then "DICM".
+DICOM_MAGIC_AT = 128
+HEAD_BYTES = DICOM_MAGIC_AT + 4  # what sniff needs to see of a file
 
 # The format is already known from the magic, so its plugin is used directly rather than
 # Image.open: a broken file then fails with the plugin's own reason (not "cannot identify
@@ -35,26 +38,39 @@ _PLUGINS = {
 
 
 def sniff(head: bytes) -> str | None:
-    """The image format named by a file's first bytes, or None when it is not a scan."""
+    """The image format named by a file's first HEAD_BYTES bytes, or None when it is not a scan."""
     for magic, name in _MAGIC:
         if head.startswith(magic):
             return name
+    if head[DICOM_MAGIC_AT:HEAD_BYTES] == b"DICM":
+        return "DICOM"
     return None
 
 
-def decode(data: bytes) -> np.ndarray:
-    """Decode scan bytes to a 2-D float32 array in [0, 1]; raise ScanError with the reason."""
-    return decode_sized(data)[0]
+def decode(data: bytes, frame: int | None = None) -> np.ndarray:
+    """Decode scan bytes to a 2-D float32 array in [0, 1]; raise ScanError with the reason.
+
+    frame picks one frame (1-based) of a multi-frame DICOM object; other formats have none.
+    """
+    return decode_sized(data, frame=frame)[0]
 
 
-def decode_sized(data: bytes, reduce_to: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+def decode_sized(data: bytes, reduce_to: int | None = None,
+                 frame: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode like `decode`, letting a JPEG decode at 1/2, 1/4 or 1/8 scale while both sides stay
     >= reduce_to; returns the array and the (width, height) of the full-size scan."""
     if not data:
         raise ScanError("empty file (0 bytes)")
-    kind = sniff(data[:16])
+    kind = sniff(data[:HEAD_BYTES])
     if kind is None:
-        raise ScanError("not an image: content is not JPEG, PNG, BMP or TIFF")
+        raise ScanError("not an image: content is not JPEG, PNG, BMP, TIFF or DICOM")
+    if kind == "DICOM":
+        from vision.dicom import decode_dicom  # pydicom is imported only when a DICOM file comes
+
+        gray = decode_dicom(data, frame, MAX_PIXELS)
+        return gray, (gray.shape[1], gray.shape[0])
+    if frame is not None:
+        raise ScanError(f"frame {frame} asked of a {kind} file: only DICOM objects have frames")
     # 0xFF in entropy-coded data is stuffed as FF 00, so FF DA is a start-of-scan marker; the
     # few that metadata (EXIF thumbnail, ICC profile) may add keep a real file far below the limit.
     if kind == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:

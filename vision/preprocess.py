@@ -78,14 +78,15 @@ def prepare_gray(gray: np.ndarray, params: dict = DEFAULTS) -> Prepared:
     return Prepared(arr[..., None].astype(np.float32), box, w, h)
 
 
-def prepare_bytes(data: bytes, params: dict = DEFAULTS) -> Prepared:
-    """Decode and preprocess scan bytes; raises ScanError for anything unreadable.
+def prepare_bytes(data: bytes, params: dict = DEFAULTS, frame: int | None = None) -> Prepared:
+    """Decode and preprocess scan bytes (one frame of a multi-frame DICOM object when frame is
+    given, 1-based); raises ScanError for anything unreadable.
 
     The crop box is reported on the full-size scan's pixel grid even when a JPEG was decoded
     at reduced scale, so heatmaps always land on the original pixels.
     """
     factor = params.get("draft_factor")  # absent in cards of models trained before it existed
-    gray, (width, height) = decode_sized(data, int(factor * params["size"]) if factor else None)
+    gray, (width, height) = decode_sized(data, int(factor * params["size"]) if factor else None, frame=frame)
     prepared = prepare_gray(gray, params)
     h, w = gray.shape
     if (w, h) == (width, height):
