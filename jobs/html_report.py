@@ -21,7 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import Job, Model, Result, Scan
-from jobs import plots
+from jobs import plots, sources
 from jobs.heatmaps import scan_heatmap
 from jobs.report import job_report, seen_hashes
 from vision.decode import decode
@@ -126,15 +126,15 @@ def pick_gallery(done: Done, classes: list[str], seen: set[str]) -> tuple[dict[s
 
 
 def _read_original(folder: str, path: str, sha256: str) -> tuple[np.ndarray | None, str | None]:
-    """The scan as decoded grayscale, or None and why not."""
+    """The scan (a file, an archive member or a DICOM frame) as decoded grayscale, or None and why not."""
     try:
-        data = (Path(folder) / path).read_bytes()
-    except OSError:
+        data, frame = sources.load(folder, path)
+    except ScanError:
         return None, "original not readable any more"
-    if hashlib.sha256(data).hexdigest() != sha256:
+    if sources.scan_sha256(hashlib.sha256(data).hexdigest(), frame) != sha256:
         return None, "original changed since the job"
     try:
-        return decode(data), None
+        return decode(data, frame=frame), None
     except ScanError as exc:
         return None, f"original not decodable: {exc}"
 
