@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -25,7 +27,7 @@ from jobs.scanning import list_scans
 from jobs.sources import scan_sha256
 from tests.conftest import EXAMPLES
 from vision.decode import decode, sniff
-from vision.dicom import LOW_PERCENTILE, HIGH_PERCENTILE
+from vision.dicom import HIGH_PERCENTILE, LOW_PERCENTILE, describe
 from vision.errors import ScanError
 from vision.preprocess import DEFAULTS, prepare_bytes
 
@@ -178,6 +180,11 @@ def test_objects_without_pixel_data_and_broken_files_fail_or_are_refused_with_a_
     broken = dicom(pixels("Tr-gl_0207"))
     with pytest.raises(ScanError, match="^corrupt DICOM"):
         decode(broken[: len(broken) // 2])
+    before_pixels = broken[: broken.index(b"\xe0\x7f\x10\x00")]  # cut at the Pixel Data tag
+    with pytest.raises(ScanError, match="without pixel data \\(MR\\); it declares an image: truncated"):
+        decode(before_pixels)
+    assert describe(io.BytesIO(before_pixels)).frames == 1  # a scan that fails, not an object to skip
+    assert describe(io.BytesIO(sr)).frames == 0
     assert sniff(sr[:132]) == "DICOM" and sniff(sr[:131]) is None
 
 
@@ -327,3 +334,37 @@ def test_dicom_scans_classify_like_the_same_scans_as_png(tmp_path, tiny_model, e
     assert exported["png/glioma/Tr-gl_0553.png"]["modality"] == ""
     with Image.open(out / "heatmaps" / "dicom/glioma/series3.dcm#frame=2.png") as hm:
         assert hm.size == (512, 512)
+
+
+DICOM_REASONS = ("corrupt DICOM", "DICOM ", "decompression bomb: ", "not an image: ")
+
+
+def _fuzz_seeds() -> list[bytes]:
+    x = pixels("Tr-no_1379")  # small: 173 x 201
+    return [dicom(x), windowed12(x), windowed12(np.stack([x, x[::-1]]), compress=RLELossless),
+            dicom(255 - x, photometric="MONOCHROME1"), dicom(None, sop_class=BasicTextSRStorage, Modality="SR")]
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.sampled_from(range(5)), edits=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)),
+                                                      max_size=8),
+       cut=st.one_of(st.none(), st.integers(132, 1 << 20)), frame=st.sampled_from([None, 1, 2]))
+def test_mutated_dicom_files_decode_sanely_or_fail_with_a_scan_error(seed, edits, cut, frame):
+    data = bytearray(FUZZ_SEEDS[seed])
+    for at, value in edits:
+        data[132 + at % (len(data) - 132)] = value  # past the magic: these stay DICOM files
+    data = bytes(data[:cut] if cut else data)
+    try:
+        gray = decode(data, frame=frame)
+    except ScanError as exc:
+        assert str(exc).startswith(DICOM_REASONS), str(exc)
+    else:
+        assert gray.ndim == 2 and gray.dtype == np.float32
+        assert np.isfinite(gray).all() and gray.min() >= 0 and gray.max() <= 1
+    try:
+        describe(io.BytesIO(data))
+    except ScanError as exc:
+        assert str(exc).startswith("corrupt DICOM"), str(exc)
+
+
+FUZZ_SEEDS = _fuzz_seeds()

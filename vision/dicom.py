@@ -45,15 +45,6 @@ class DicomInfo:
         return {name: getattr(self, name) for name in META_COLUMNS}
 
 
-def _read(fileobj, **kwargs):
-    import pydicom
-
-    with warnings.catch_warnings():
-        # pydicom warns about every non-conforming value; what matters reaches us as an exception.
-        warnings.simplefilter("ignore")
-        return pydicom.dcmread(fileobj, **kwargs)
-
-
 def _reason(exc: Exception) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return text if isinstance(exc, (OSError, ValueError)) and text else f"{type(exc).__name__}: {text}".rstrip(": ")
@@ -73,25 +64,51 @@ def _text(value) -> str | None:
 
 def describe(fileobj) -> DicomInfo:
     """Frame count and identifying attributes of a DICOM file, pixels not decoded; ScanError if unreadable."""
+    import pydicom
+
     try:
-        # Large values (the pixel data) are skipped over, not loaded: listing reads every file.
-        ds = _read(fileobj, defer_size="256 KB")
-        has_pixels = any(tag in ds for tag in PIXEL_TAGS)
-        values = [_text(ds.get(keyword)) for keyword in _KEYWORDS]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # as in decode_dicom: values are converted (and warned about) lazily
+            # Large values (the pixel data) are skipped over, not loaded: listing reads every file.
+            ds = pydicom.dcmread(fileobj, defer_size="256 KB")
+            has_pixels = any(tag in ds for tag in PIXEL_TAGS)
+            values = [_text(ds.get(keyword)) for keyword in _KEYWORDS]
+            # Rows without pixel data is an image cut short (the Image Pixel module precedes the pixels):
+            # a scan that fails with that reason, not a non-image object to skip.
+            frames = max(1, _int(ds.get("NumberOfFrames"), 1)) if has_pixels or "Rows" in ds else 0
+    except MemoryError:
+        raise
     except Exception as exc:
         raise ScanError(f"corrupt DICOM: {_reason(exc)}") from exc
-    frames = max(1, _int(ds.get("NumberOfFrames"), 1)) if has_pixels else 0
     return DicomInfo(frames, *values)
 
 
 def decode_dicom(data: bytes, frame: int | None = None, max_pixels: int = 64_000_000) -> np.ndarray:
     """Frame `frame` (1-based; None: the first) of a DICOM file as 2-D float32 in [0, 1]; ScanError why not."""
     try:
-        ds = _read(io.BytesIO(data))
+        with warnings.catch_warnings():
+            # pydicom warns about every non-conforming value; what matters reaches us as an exception.
+            warnings.simplefilter("ignore")
+            gray = _decode(data, frame, max_pixels)
+    except (ScanError, MemoryError):
+        raise
     except Exception as exc:
+        # pydicom converts values lazily, so a malformed element can fail at any access, with any
+        # type (ValueError, struct.error, KeyError, ...): each means these bytes are a broken object.
         raise ScanError(f"corrupt DICOM: {_reason(exc)}") from exc
+    if gray.ndim != 2 or gray.size == 0:
+        raise ScanError(f"DICOM frame has shape {gray.shape}, not one 2-D image")
+    return gray.astype(np.float32)
+
+
+def _decode(data: bytes, frame: int | None, max_pixels: int) -> np.ndarray:
+    import pydicom
+    from pydicom.pixels import pixel_array
+
+    ds = pydicom.dcmread(io.BytesIO(data))
     if not any(tag in ds for tag in PIXEL_TAGS):
-        raise ScanError(f"DICOM object without pixel data ({_text(ds.get('Modality')) or 'no modality'})")
+        cut = "; it declares an image: truncated?" if "Rows" in ds else ""
+        raise ScanError(f"DICOM object without pixel data ({_text(ds.get('Modality')) or 'no modality'}){cut}")
     rows, cols = _int(ds.get("Rows"), 0), _int(ds.get("Columns"), 0)
     if rows * cols > max_pixels:  # nothing decoded yet
         raise ScanError(f"decompression bomb: declares {cols}x{rows} pixels (limit {max_pixels})")
@@ -102,23 +119,9 @@ def decode_dicom(data: bytes, frame: int | None = None, max_pixels: int = 64_000
     if not 0 <= index < frames:
         raise ScanError(f"DICOM frame {frame} does not exist: the object has {frames} frame(s)")
     _require_decoder(ds)
-    try:
-        from pydicom.pixels import pixel_array
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # index= decodes that one frame only, not the whole multi-frame object.
-            arr = pixel_array(ds, index=index if frames > 1 else None)
-        gray = _to_gray(arr, ds, index)
-    except ScanError:
-        raise
-    except MemoryError:
-        raise
-    except Exception as exc:
-        raise ScanError(f"corrupt DICOM pixel data: {_reason(exc)}") from exc
-    if gray.ndim != 2 or gray.size == 0:
-        raise ScanError(f"DICOM frame has shape {gray.shape}, not one 2-D image")
-    return gray.astype(np.float32)
+    # index= decodes that one frame only, not the whole multi-frame object.
+    arr = pixel_array(ds, index=index if frames > 1 else None)
+    return _to_gray(arr, ds, index)
 
 
 def _require_decoder(ds) -> None:
