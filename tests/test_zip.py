@@ -125,7 +125,8 @@ def test_an_archive_classifies_like_its_unzipped_folder_and_exports_heatmaps(tmp
         runs[name] = (settings, report, _results(settings.database_url, report["job"]))
     (zip_settings, zip_report, in_zip), (_, folder_report, on_disk) = runs["zip"], runs["folder"]
 
-    assert (zip_report["scans"], zip_report["failed"], folder_report["scans"], folder_report["failed"]) == (20, 1, 19, 0)
+    assert (zip_report["scans"], zip_report["failed"]) == (20, 1)
+    assert (folder_report["scans"], folder_report["failed"]) == (19, 0)
     assert zip_report["folder"] == str(archive.resolve())
     assert in_zip[BROKEN][:2] == ("failed", f"corrupt archive member: Bad CRC-32 for file '{BROKEN}'")
     for path, (status, _, label, cached, predicted, probs) in on_disk.items():
