@@ -11,6 +11,10 @@ from jobs.queue import celery_app
 settings = load_settings()
 app = celery_app(settings)
 app.conf.include = ["worker.tasks"]
+# A pool process loads TensorFlow and the model in worker_process_init before it reports up. Celery's
+# default wait for that is 4 s: on a busy CPU a replacement process (after one died on a scan) took
+# longer, was killed, replaced, killed again... a crash loop. Give it the time a model load takes.
+app.conf.worker_proc_alive_timeout = 300
 
 RUNTIME = None
 
