@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from celery import Celery
+from kombu.exceptions import ChannelError
 from kombu.exceptions import OperationalError as BrokerOperationalError
 
 from config import Settings
@@ -29,7 +30,10 @@ def celery_app(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,  # a worker holds one batch at a time; the rest stay for others
         task_default_queue=settings.queue,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        # A dead worker's unacked batch is restored once visibility_timeout has passed. kombu looks for
+        # such batches on every 10th 10-s tick by default (up to 100 s late); throttle 1 looks on every tick.
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout,
+                                  "unacked_restore_throttle": 1},
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
     )
@@ -56,5 +60,9 @@ def queue_length(settings: Settings, app: Celery | None = None) -> int | None:
     try:
         with app.connection_for_read() as conn:
             return conn.default_channel.queue_declare(settings.queue, passive=True).message_count
+    except ChannelError as exc:
+        # Redis deletes a list when its last message is popped, so "no such queue" means empty
+        # (also right after a restart that lost everything). Other answers: not known.
+        return 0 if "NOT_FOUND" in str(exc) else None
     except Exception:  # the broker may be restarting; the caller then just doesn't reconcile this round
         return None
