@@ -28,6 +28,10 @@ test-fast: $(STAMP)
 fuzz: $(STAMP)
 	BRAINSCAN_FUZZ_EXAMPLES=20000 $(BIN)/python -m pytest tests/test_fuzz_decode.py
 
+## Full soak: 20,000 scans, two workers, private Redis/PostgreSQL, SIGKILL/Redis restart/PostgreSQL down/poison.
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py --scans 20000
+
 bench: $(STAMP)
 	$(BIN)/python bench/model.py
 	$(BIN)/python bench/pipeline.py
