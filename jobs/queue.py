@@ -7,6 +7,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu.exceptions import ChannelError
 from kombu.exceptions import OperationalError as BrokerOperationalError
+from kombu.utils.url import maybe_sanitize_url
 
 from config import Settings
 
@@ -50,7 +51,8 @@ def enqueue_batches(settings: Settings, job_id: int, groups: list[list[int]], ap
                               retry=True, retry_policy={"max_retries": 5, "interval_start": 1,
                                                         "interval_step": 2, "interval_max": 10})
     except BrokerOperationalError as exc:
-        raise BrokerUnavailable(f"broker unreachable: {type(exc).__name__}; is Redis running at BROKER_URL?") from None
+        raise BrokerUnavailable(f"broker {maybe_sanitize_url(settings.broker_url)} unreachable ({type(exc).__name__}); "
+                                "check BROKER_URL and that Redis is up") from None
     return len(groups)
 
 
