@@ -9,7 +9,8 @@ Faults, in turn, each bounded in count and time:
      then start it again; its batch comes back by visibility-timeout redelivery.
   2. Restart Redis with persistence off: every queued and unacknowledged message is gone, and the way back
      is the database (`jobs.lifecycle.wait`, i.e. `submit --wait`, reconciles with `resume`).
-  3. Stop PostgreSQL for --pg-down seconds, then start it again: workers retry with backoff.
+  3. Stop PostgreSQL for --pg-down seconds, then start it again: workers retry with backoff; one worker is
+     restarted while it is down and must come up and wait.
   4. All along: the poison scan kills the process that opens it, every time (a fanotify permission watch on
      that one file, in this script; production code is unchanged). It must end quarantined after
      BRAINSCAN_MAX_ATTEMPTS with that reason while the rest of its batch completes.
@@ -531,7 +532,18 @@ class Soak:
         at = self.now()
         self.pg.stop()
         log(f"fault 3: stopped postgres for {self.args.pg_down}s with {c['pending']} scans pending")
-        time.sleep(self.args.pg_down)
+        time.sleep(min(3.0, self.args.pg_down / 4))
+        # A worker that (re)starts while the database is down must come up and wait, not crash.
+        t_restart = self.now()
+        with self.lock:
+            slot = self.slots[1]
+            slot.worker.killed_on_purpose = True
+            slot.worker.stop()
+            slot.start()
+        restarted = {"worker": 1, "ready_after_s": round(self.now() - t_restart, 1),
+                     "database_still_down": self.now() - at < self.args.pg_down}
+        log(f"fault 3: worker 1 restarted while postgres is down: {restarted}")
+        time.sleep(max(0.0, at + self.args.pg_down - self.now()))
         alive = [s.worker.proc.poll() is None for s in self.slots]
         self.pg.start()
         back = self.now()
@@ -542,6 +554,7 @@ class Soak:
         retries = sum(s.log_text().count("Retry in") for s in self.slots) - retries_before
         return {"fault": "postgres down", "ran": True, "at_s": at, "down_s": round(back - at, 1),
                 "pending_at_stop": c["pending"], "workers_alive_while_down": alive,
+                "worker_restarted_while_down": restarted,
                 "task_retries_logged": retries,
                 "recovered": bool(after),
                 "progress_again_after_start_s": round(self.now() - back, 1) if after else None}
@@ -692,7 +705,8 @@ class Soak:
             for pid, seq in slot.samples.items():
                 warm = next((v for t, v in seq if t - seq[0][0] >= 20), None)
                 lived[pid] = {"warm_mb": warm, "last_mb": seq[-1][1], "max_mb": max(v for _, v in seq),
-                              "lived_s": round(seq[-1][0] - seq[0][0], 1)}
+                              "lived_s": round(seq[-1][0] - seq[0][0], 1),
+                              "every_fifth_mb": [seq[min(len(seq) - 1, len(seq) * k // 5)][1] for k in range(6)]}
             first = next((pid for pid, x in lived.items() if x["warm_mb"] is not None), None)
             last = next(reversed(lived), None) if lived else None
             rss.append({"worker": slot.index, "starts": slot.starts, "pool_processes": len(lived),

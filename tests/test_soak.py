@@ -130,6 +130,7 @@ def test_quick_soak_loses_nothing_under_faults(shipped_model, tmp_path):
     pg_fault = faults["postgres down"]
     assert pg_fault["ran"] and pg_fault["down_s"] >= 30 and pg_fault["recovered"]
     assert pg_fault["workers_alive_while_down"] == [True, True] and pg_fault["task_retries_logged"] > 0
+    assert pg_fault["worker_restarted_while_down"]["database_still_down"]
     assert result["unexpected_worker_exits"] == []
 
     poison = result["poison"]
