@@ -24,7 +24,10 @@ class ExportError(Exception):
 def inside(out: Path, relpath: str, sub: str) -> Path:
     """out/sub/relpath.png, refusing any path that escapes out/sub (absolute paths, `..`)."""
     base = (out / sub).resolve()
-    target = (base / f"{relpath}.png").resolve()
+    try:
+        target = (base / f"{relpath}.png").resolve()
+    except (ValueError, OSError) as exc:  # a NUL byte (SQLite stores one), a symlink loop
+        raise ExportError(f"refusing to write scan path {relpath!r}: {exc}") from None
     if base != target and base not in target.parents:
         raise ExportError(f"refusing to write outside {base}: scan path {relpath!r}")
     return target
@@ -76,6 +79,9 @@ def write_images(out: Path, scan: Scan, result: Result, folder: Path) -> bool:
         return False
     for path, image in ((heat_path, Image.fromarray(gray_png(cam), mode="L")),
                         (over_path, Image.fromarray(overlay(gray, cam), mode="RGB"))):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+        except OSError as exc:
+            raise ExportError(f"cannot write {path}: {exc.strerror or exc}") from None
     return True
