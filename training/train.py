@@ -22,7 +22,7 @@ from vision.preprocess import DEFAULTS
 class TrainConfig:
     data_root: Path
     out: Path  # models/brainscan-v1 → models/brainscan-v1.keras, .json, -curves.png, -confusion.png
-    epochs: int = 40
+    epochs: int = 36
     batch_size: int = 32
     learning_rate: float = 2e-3
     weight_decay: float = 5e-4
@@ -73,6 +73,27 @@ class EpochLog:
                 )
 
         return _Log()
+
+
+def recalibrate_batchnorm(model, x_train: np.ndarray, batch_size: int = 128) -> None:
+    """Replace every BatchNorm layer's moving statistics by their exact average over the clean training split.
+
+    The moving averages are taken over augmented batches while weights still change; measured on the
+    validation split, they cost about a point of accuracy against the statistics of un-augmented scans.
+    """
+    import keras
+
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [layer.momentum for layer in norms]
+    for layer in norms:
+        layer.moving_mean.assign(np.zeros(layer.moving_mean.shape, np.float32))
+        layer.moving_variance.assign(np.ones(layer.moving_variance.shape, np.float32))
+    for k, start in enumerate(range(0, len(x_train), batch_size)):
+        for layer in norms:
+            layer.momentum = k / (k + 1)  # running mean of the per-batch statistics
+        model(x_train[start : start + batch_size], training=True)
+    for layer, momentum in zip(norms, saved):
+        layer.momentum = momentum
 
 
 def _interrupt(signum, frame):
@@ -139,7 +160,11 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         signal.signal(signal.SIGTERM, previous)
 
-    probs = model.predict(x_val.astype(np.float32), batch_size=128, verbose=0)
+    before = float((model.predict(x_val, batch_size=128, verbose=0).argmax(axis=1) == y_val).mean())
+    recalibrate_batchnorm(model, x_train)
+    probs = model.predict(x_val, batch_size=128, verbose=0)
+    print(f"batch-norm statistics recomputed on the un-augmented training split: validation accuracy "
+          f"{before:.4f} -> {float((probs.argmax(axis=1) == y_val).mean()):.4f}", flush=True)
     pred = [CLASSES[i] for i in probs.argmax(axis=1)]
     val_metrics = classification_metrics([e.label for e in val_ex], pred, probs, list(CLASSES))
     model_path = out.with_suffix(".keras")
@@ -152,7 +177,7 @@ def train(cfg: TrainConfig) -> dict:
         "gradcam_layer": GRADCAM_LAYER,
         "gradcam_resolution": list(model.get_layer(GRADCAM_LAYER).output.shape[1:3]),
         "gradcam_note": (
-            "Grad-CAM is read at the last conv block (1/8 of the input, 16x16 at 128 px): the finest grid "
+            "Grad-CAM is read at the last conv block (1/8 of the input: 20x20 at 160 px), the finest grid "
             "whose units still see most of the head. Maps are upsampled bilinearly over the square head crop "
             "and pasted back at the crop's place on the scan's own pixel grid, zero outside it."
         ),
@@ -166,6 +191,7 @@ def train(cfg: TrainConfig) -> dict:
         "validation_sha256": [e.sha256 for e in val_ex],
         "history": history,
         "validation": val_metrics,
+        "validation_accuracy_before_bn_recalibration": before,
         "wall_time_seconds": round(time.time() - t_start, 1),
         "hardware": hardware,
         "keras_version": keras.__version__,

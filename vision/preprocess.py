@@ -15,14 +15,14 @@ from vision.decode import decode_sized
 
 # Chosen on the validation split; recorded in every model card.
 DEFAULTS = {
-    "size": 128,
+    "size": 160,
     "head_threshold": 0.08,  # fraction of the 99th percentile above which a pixel is head
     "min_line_fraction": 0.02,  # a row/column belongs to the head if this share of it is head
     "margin": 0.04,  # the square crop grows by this fraction of its side
     "norm_percentile": 99.5,
     # JPEGs decode at reduced scale while both sides stay >= draft_factor x size: 4x less decoding
-    # for a 512 px scan, and the head crop still has ~1.7 source pixels per model pixel.
-    "draft_factor": 2,
+    # for a 512 px scan, and the head crop still has ~1.4 source pixels per model pixel.
+    "draft_factor": 1.5,
 }
 
 
