@@ -498,7 +498,8 @@ class Soak:
     def fault_redis(self) -> dict:
         c = self.wait_for(self.counts, timeout=60)
         if not c or c["pending"] < 2 * self.settings.batch_size:
-            return {"fault": "redis restart", "ran": False, "why": "too little work left", "counts": c}
+            return {"fault": "redis restart (no persistence)", "ran": False, "why": "too little work left",
+                    "counts": c}
         r = self.redis.client()
         try:
             queued, unacked = r.llen(QUEUE), r.hlen("unacked")
@@ -563,9 +564,11 @@ class Soak:
         try:
             warm = max(2 * self.settings.batch_size, self.total // 25)
             self.wait_for(lambda: (c := self.counts()) and c["finished"] >= warm, timeout=600, poll=0.5)
-            for fault in (self.fault_kill, self.fault_redis, self.fault_postgres):
+            for name, fault in (("sigkill worker mid-batch", self.fault_kill),
+                                ("redis restart (no persistence)", self.fault_redis),
+                                ("postgres down", self.fault_postgres)):
                 if self.done_event.is_set():
-                    self.faults.append({"fault": fault.__name__, "ran": False, "why": "job already complete"})
+                    self.faults.append({"fault": name, "ran": False, "why": "job already complete"})
                     continue
                 self.faults.append(fault())
                 log(f"fault done: {json.dumps(self.faults[-1])}")
@@ -715,7 +718,7 @@ class Soak:
                         "long_lived": {str(pid): x for pid, x in lived.items() if x["lived_s"] >= 60}})
         logs = "".join(slot.log_text() for slot in self.slots)
         return {
-            "scans": len(scans), "model": Path(self.args.model).name, "model_sha256": (model_sha or "")[:12],
+            "submitted": len(scans), "model": Path(self.args.model).name, "model_sha256": (model_sha or "")[:12],
             "submit_s": round(submit_s, 1),
             "results": sum(1 for r in scans if r.status == "done" and r.result_id is not None),
             "computed": len(per_content), "from_cache": sum(1 for r in scans if r.from_cache),
@@ -745,7 +748,8 @@ def parse(argv=None):
     parser.add_argument("--model", default=os.environ.get("BRAINSCAN_MODEL") or str(config.DEFAULT_MODEL))
     parser.add_argument("--pg-down", type=float, default=30, help="seconds PostgreSQL stays down (default 30)")
     parser.add_argument("--lease", type=int, default=15, help="BRAINSCAN_LEASE_SECONDS of the workers")
-    parser.add_argument("--visibility", type=int, default=45, help="BRAINSCAN_VISIBILITY_TIMEOUT of the workers")
+    parser.add_argument("--visibility", type=int, default=20,
+                        help="BRAINSCAN_VISIBILITY_TIMEOUT of the workers; above every retry countdown (lease, 16 s)")
     parser.add_argument("--stall", type=float, default=20, help="wait(): seconds without progress before reconciling")
     parser.add_argument("--max-attempts", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)

@@ -114,7 +114,7 @@ def test_quick_soak_loses_nothing_under_faults(shipped_model, tmp_path):
                         "--timeout", "420", "--logs", str(tmp_path / "logs")])
     faults = {f["fault"]: f for f in result["faults"]}
 
-    assert result["scans"] == 2000 and result["job_status"] == "complete"
+    assert result["submitted"] == 2000 and result["job_status"] == "complete"
     assert result["duplicates"] == 0
     assert result["lost"] == 0
     assert result["results"] + result["failed"] == 2000
