@@ -31,7 +31,8 @@ def test_a_batch_with_mixed_predicted_classes_equals_maps_computed_one_at_a_time
     singles = [explain(scans[i : i + 1]) for i in range(len(scans))]
 
     assert len(set(probs.argmax(axis=1))) >= 2
-    np.testing.assert_allclose(cams, np.concatenate([c for _, c in singles]), atol=1e-5)
+    # Batched and single convolutions round differently in the last bits (oneDNN picks other kernels).
+    np.testing.assert_allclose(cams, np.concatenate([c for _, c in singles]), atol=1e-4)
     # Probabilities pass through softmax of large logits: batched and single matmuls differ in the last bits.
     np.testing.assert_allclose(probs, np.concatenate([p for p, _ in singles]), atol=1e-4)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vision.preprocess import cam_to_scan, prepare_bytes
+from vision.preprocess import DEFAULTS, cam_to_scan, prepare_bytes
 from tests.conftest import EXAMPLES
 
 GRAY = EXAMPLES / "glioma" / "Tr-gl_0207.jpg"  # 512 x 512, mode L
@@ -41,7 +41,7 @@ def test_non_square_scans_are_padded_to_a_square_head_crop(gray):
     prepared = prepare_bytes(encode(wide))
     reference = prepare_bytes(encode(gray))
 
-    assert prepared.array.shape == (128, 128, 1)
+    assert prepared.array.shape == (DEFAULTS["size"], DEFAULTS["size"], 1)
     np.testing.assert_allclose(prepared.array, reference.array, atol=1e-5)
     assert prepared.box[0] - reference.box[0] == 94
 
