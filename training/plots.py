@@ -22,6 +22,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
         ax.legend()
     axes[0].set_title("accuracy")
     axes[1].set_title("loss")
+    axes[1].set_yscale("log")  # an early validation spike would otherwise flatten the rest
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
