@@ -125,7 +125,7 @@ def test_quick_soak_loses_nothing_under_faults(shipped_model, tmp_path):
     assert set(kill["their_status"]) <= {"done", "failed"}
     assert kill["their_status"].get("done", 0) >= kill["scans_in_killed_batch"] - 3
     redis_fault = faults["redis restart (no persistence)"]
-    assert redis_fault["ran"] and redis_fault["keys_after_restart"] == 0 and redis_fault["recovered"]
+    assert redis_fault["ran"] and redis_fault["messages_after_restart"] == 0 and redis_fault["recovered"]
     assert redis_fault["reconciliations"] and redis_fault["reconciliations"][0]["scans_reenqueued"] > 0
     pg_fault = faults["postgres down"]
     assert pg_fault["ran"] and pg_fault["down_s"] >= 30 and pg_fault["recovered"]
