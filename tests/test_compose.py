@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE = ROOT / "Dockerfile"
-PRODUCTION_DOC = ROOT / "docs" / "PRODUCTION.md"
+PRODUCTION_DOC = ROOT / "README.md"  # its Production section
 
 # Variables a brainscan container may get that config.py does not read: the platform's own.
 INFRA_PREFIXES = ("POSTGRES_", "TF_", "NVIDIA_", "CUDA_", "PYTHON")
@@ -158,15 +158,15 @@ def test_celery_app_references_resolve(services):
 
 
 def test_docs_commands_exist_in_cli():
-    """Commands that docs/PRODUCTION.md tells people to run exist."""
+    """Commands that the README tells people to run exist."""
     from cli import cli
 
     text = PRODUCTION_DOC.read_text()
     used = set(re.findall(r"cli\.py\s+([a-z][a-z-]*)", text))
     used |= set(re.findall(r"compose\s+run\s+(?:--?[\w-]+\s+)*cli\s+([a-z][a-z-]*)", text))
-    assert used, "no commands found in docs/PRODUCTION.md"
+    assert used, "no commands found in the README"
     missing = sorted(used - set(cli.commands))
-    assert not missing, f"docs/PRODUCTION.md uses commands the CLI lacks: {missing}"
+    assert not missing, f"the README uses commands the CLI lacks: {missing}"
 
 
 def test_compose_sets_only_known_variables(services):
