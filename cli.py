@@ -124,7 +124,14 @@ def submit(folder, labels, batch_size, follow_links, wait):
     if settings.embedded:
         raise click.ClickException("BROKER_URL is not set: use `python cli.py run FOLDER` to process locally")
     job_id = new_job(settings, folder, labels, batch_size, follow_links)
-    tasks = enqueue_job(settings, job_id)
+    from jobs.queue import BrokerUnavailable
+
+    try:
+        tasks = enqueue_job(settings, job_id)
+    except BrokerUnavailable as exc:
+        # The job and its scans are committed: nothing is lost, it only waits to be enqueued.
+        raise click.ClickException(f"{exc}; job {job_id} is recorded: run `python cli.py resume {job_id}` "
+                                   "once the broker is up") from None
     skipped = _skipped(settings, job_id)
     click.echo(f"job {job_id}: {_total(settings, job_id)} scans in {tasks} batches enqueued"
                + (f"; {skipped} DICOM object(s) without pixel data skipped" if skipped else ""))

@@ -207,3 +207,4 @@ def test_a_broker_password_is_never_printed(tmp_path):
     assert code == 1
     assert PASSWORD not in out
     assert "127.0.0.1:1" in out and "unreachable" in out and "Traceback" not in out, out
+    assert "job 1 is recorded: run `python cli.py resume 1` once the broker is up" in out
