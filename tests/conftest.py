@@ -28,6 +28,17 @@ def tiny_model(tmp_path_factory) -> Path:
     return out.with_suffix(".keras")
 
 
+def report_tiny_model(tmp_path_factory) -> Path:
+    """The project's training code on the 16 example scans, one epoch at 64 px; one per test session."""
+    out = tmp_path_factory.getbasetemp() / "report-tiny-model" / "tiny"
+    if not out.with_suffix(".keras").exists():
+        from training.train import TrainConfig, train
+
+        train(TrainConfig(EXAMPLES, out, epochs=1, size=64, batch_size=8, cache_dir=out.parent / "cache",
+                          command="pytest tiny model"))
+    return out.with_suffix(".keras")
+
+
 @pytest.fixture(scope="session")
 def shipped_model() -> Path:
     """The committed default model (BRAINSCAN_TEST_MODEL overrides it while a new one trains)."""

@@ -24,6 +24,7 @@ from cli import cli
 from db.models import Job, Result, Scan
 from db.session import session_scope
 from jobs.report import job_report
+from tests.conftest import report_tiny_model
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,15 +33,6 @@ CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 LEFT_OUT = "notumor/Tr-no_1015.jpg"
 
 
-def tiny_model(tmp_path_factory) -> Path:
-    """The project's training code on the 16 example scans, one epoch at 64 px; one per test session."""
-    out = tmp_path_factory.getbasetemp() / "report-tiny-model" / "tiny"
-    if not out.with_suffix(".keras").exists():
-        from training.train import TrainConfig, train
-
-        train(TrainConfig(EXAMPLES, out, epochs=1, size=64, batch_size=8, cache_dir=out.parent / "cache",
-                          command="pytest tiny model"))
-    return out.with_suffix(".keras")
 
 
 def invoke(*args, code: int = 0) -> str:
@@ -100,7 +92,7 @@ def pair(tmp_path_factory):
     from jobs.lifecycle import new_job, run_job
 
     work = tmp_path_factory.mktemp("compare")
-    model_a = tiny_model(tmp_path_factory)
+    model_a = report_tiny_model(tmp_path_factory)
     folder_a = shutil.copytree(EXAMPLES, work / "night1")
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("DATABASE_URL", raising=False)

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
+from tests.conftest import report_tiny_model
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,15 +24,6 @@ CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 METRICS = ("precision", "recall", "f1", "support", "auc")
 
 
-def tiny_model(tmp_path_factory) -> Path:
-    """The project's training code on the 16 example scans, one epoch at 64 px; one per test session."""
-    out = tmp_path_factory.getbasetemp() / "report-tiny-model" / "tiny"
-    if not out.with_suffix(".keras").exists():
-        from training.train import TrainConfig, train
-
-        train(TrainConfig(EXAMPLES, out, epochs=1, size=64, batch_size=8, cache_dir=out.parent / "cache",
-                          command="pytest tiny model"))
-    return out.with_suffix(".keras")
 
 
 def invoke(*args) -> str:
@@ -47,7 +39,7 @@ def outputs(tmp_path_factory):
     from jobs.lifecycle import new_job, run_job
 
     work = tmp_path_factory.mktemp("report-formats")
-    model = tiny_model(tmp_path_factory)
+    model = report_tiny_model(tmp_path_factory)
     folder = shutil.copytree(EXAMPLES, work / "archive")
     data = (EXAMPLES / "glioma" / "Tr-gl_0207.jpg").read_bytes()
     (folder / "glioma" / "truncated.jpg").write_bytes(data[: len(data) // 3])

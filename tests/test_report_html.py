@@ -21,6 +21,7 @@ from cli import cli
 from db.models import Job, Model, Result, Scan
 from db.session import session_scope
 from jobs.report import job_report, seen_hashes
+from tests.conftest import report_tiny_model
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,15 +102,6 @@ def parse(text: str) -> Node:
     return Tree(text).root
 
 
-def tiny_model(tmp_path_factory) -> Path:
-    """The project's training code on the 16 example scans, one epoch at 64 px; one per test session."""
-    out = tmp_path_factory.getbasetemp() / "report-tiny-model" / "tiny"
-    if not out.with_suffix(".keras").exists():
-        from training.train import TrainConfig, train
-
-        train(TrainConfig(EXAMPLES, out, epochs=1, size=64, batch_size=8, cache_dir=out.parent / "cache",
-                          command="pytest tiny model"))
-    return out.with_suffix(".keras")
 
 
 def open_in_chromium(page: Path, work: Path) -> tuple[Node, dict, list[str]]:
@@ -137,7 +129,7 @@ def site(tmp_path_factory):
     from jobs.lifecycle import new_job, run_job
 
     work = tmp_path_factory.mktemp("report-html")
-    model = tiny_model(tmp_path_factory)
+    model = report_tiny_model(tmp_path_factory)
     labelled = shutil.copytree(EXAMPLES, work / "archive")
     data = (EXAMPLES / "glioma" / "Tr-gl_0207.jpg").read_bytes()
     (labelled / "glioma" / "truncated.jpg").write_bytes(data[: len(data) // 3])
