@@ -52,15 +52,20 @@ def copy_examples(dest: Path) -> Path:
     return dest
 
 
-@pytest.fixture
-def scan_folder(tmp_path) -> Path:
+def make_scan_folder(dest: Path) -> Path:
     """The 16 real example scans in class folders, plus a truncated JPEG and an unlabelled scan."""
-    folder = copy_examples(tmp_path / "archive")
+    folder = copy_examples(dest)
     data = (EXAMPLES / "glioma" / "Tr-gl_0207.jpg").read_bytes()
     (folder / "glioma" / "truncated.jpg").write_bytes(data[: len(data) // 3])
     (folder / "unsorted").mkdir()
     shutil.copy(EXAMPLES / "pituitary" / "Tr-pi_0956.jpg", folder / "unsorted" / "scan 1.jpg")
     return folder
+
+
+@pytest.fixture
+def scan_folder(tmp_path) -> Path:
+    """The 16 real example scans in class folders, plus a truncated JPEG and an unlabelled scan."""
+    return make_scan_folder(tmp_path / "archive")
 
 
 def variant_folder(dest: Path, per_scan: int = 8) -> Path:

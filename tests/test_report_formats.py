@@ -8,18 +8,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from cli import cli
-from tests.conftest import report_tiny_model
+from tests.conftest import make_scan_folder, report_tiny_model
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples" / "scans"
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 METRICS = ("precision", "recall", "f1", "support", "auc")
 
@@ -40,11 +36,7 @@ def outputs(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("report-formats")
     model = report_tiny_model(tmp_path_factory)
-    folder = shutil.copytree(EXAMPLES, work / "archive")
-    data = (EXAMPLES / "glioma" / "Tr-gl_0207.jpg").read_bytes()
-    (folder / "glioma" / "truncated.jpg").write_bytes(data[: len(data) // 3])
-    (folder / "unsorted").mkdir()
-    shutil.copy(EXAMPLES / "pituitary" / "Tr-pi_0956.jpg", folder / "unsorted" / "scan 1.jpg")
+    folder = make_scan_folder(work / "archive")
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("DATABASE_URL", raising=False)
         mp.delenv("BROKER_URL", raising=False)
