@@ -109,14 +109,15 @@ def augmenter(seed: int):
     import keras
     from keras import layers
 
+    # float32 whatever the training precision: augmentation is cheap and should not round the scans.
     return keras.Sequential(
         [
-            layers.RandomFlip("horizontal", seed=seed),
-            layers.RandomRotation(0.04, fill_mode="constant", seed=seed + 1),  # ±15°
-            layers.RandomTranslation(0.06, 0.06, fill_mode="constant", seed=seed + 2),
-            layers.RandomZoom((-0.12, 0.12), fill_mode="constant", seed=seed + 3),
-            layers.RandomContrast(0.2, seed=seed + 4),
-            layers.RandomBrightness(0.1, value_range=(0.0, 1.0), seed=seed + 5),
+            layers.RandomFlip("horizontal", seed=seed, dtype="float32"),
+            layers.RandomRotation(0.04, fill_mode="constant", seed=seed + 1, dtype="float32"),  # ±15°
+            layers.RandomTranslation(0.06, 0.06, fill_mode="constant", seed=seed + 2, dtype="float32"),
+            layers.RandomZoom((-0.12, 0.12), fill_mode="constant", seed=seed + 3, dtype="float32"),
+            layers.RandomContrast(0.2, seed=seed + 4, dtype="float32"),
+            layers.RandomBrightness(0.1, value_range=(0.0, 1.0), seed=seed + 5, dtype="float32"),
         ],
         name="augment",
     )
