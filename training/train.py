@@ -22,7 +22,7 @@ from vision.preprocess import DEFAULTS
 class TrainConfig:
     data_root: Path
     out: Path  # models/brainscan-v1 → models/brainscan-v1.keras, .json, -curves.png, -confusion.png
-    epochs: int = 60
+    epochs: int = 48
     batch_size: int = 32
     learning_rate: float = 2e-3
     weight_decay: float = 5e-4
