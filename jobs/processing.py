@@ -93,14 +93,16 @@ def classify(url: str, runtime, job: Job, scans: list[Scan]) -> BatchOutcome:
         ).all()) if shas else {}
         failures: dict[int, str] = {}
         prepared: dict[str, object] = {}
+        computed_by: dict[str, int] = {}  # sha → the one scan whose result this batch computes
         for scan in scans:
             if scan.sha256 in cached or scan.sha256 in prepared:
                 continue
             try:
                 prepared[scan.sha256] = prepare_bytes(read_scan(job.folder, scan.path, scan.sha256),
                                                       runtime.preprocessing, frame=sources.split_frame(scan.path)[1])
+                computed_by[scan.sha256] = scan.id
             except ScanError as exc:
-                failures[scan.id] = str(exc)
+                failures[scan.id] = str(exc)  # a twin at another path still gets its own try
         if prepared:
             shas_new = list(prepared)
             probs, cams = runtime.explain(np.stack([prepared[s].array for s in shas_new]))
@@ -129,8 +131,10 @@ def classify(url: str, runtime, job: Job, scans: list[Scan]) -> BatchOutcome:
                 values.update(status="failed", error=failures[scan.id])
                 outcome.failed += 1
                 outcome.errors[scan.path] = failures[scan.id]
-            elif scan.sha256 in cached:
-                values.update(status="done", result_id=cached[scan.sha256], from_cache=True)
+            elif scan.sha256 in cached or computed_by[scan.sha256] != scan.id:
+                # A byte-identical copy later in the same batch reuses its twin's result, as a cache hit.
+                values.update(status="done", result_id=cached.get(scan.sha256) or fresh[scan.sha256],
+                              from_cache=True)
                 outcome.cached += 1
             else:
                 values.update(status="done", result_id=fresh[scan.sha256])

@@ -111,3 +111,24 @@ def test_scans_the_model_was_trained_on_are_counted_and_left_out_of_unseen(tiny_
     assert set(report["unseen"]) == {"labelled", "accuracy", "per_class", "macro_avg", "weighted_avg",
                                      "confusion_matrix"}
     assert report["unseen"]["per_class"]["glioma"]["support"] == 1
+
+
+def test_a_byte_identical_copy_in_the_same_batch_is_computed_once_and_counted_as_cached(tiny_model, scan_folder,
+                                                                                       env_for):
+    import shutil
+
+    shutil.copy(scan_folder / "glioma" / "Tr-gl_0207.jpg", scan_folder / "glioma" / "twin.jpg")
+    settings, _ = env_for(tiny_model)
+    report = run_json("run", str(scan_folder))
+
+    with session_scope(settings.database_url) as s:
+        rows = s.execute(select(Scan.path, Scan.from_cache, Scan.result_id).where(
+            Scan.job_id == report["job"], Scan.path.in_(["glioma/Tr-gl_0207.jpg", "glioma/twin.jpg"]))
+            .order_by(Scan.path)).all()
+        results = s.scalar(select(func.count()).select_from(Result))
+        cached = s.scalar(select(func.count()).where(Scan.job_id == report["job"], Scan.from_cache.is_(True)))
+    assert [(path, cached) for path, cached, _ in rows] == [("glioma/Tr-gl_0207.jpg", False),
+                                                            ("glioma/twin.jpg", True)]
+    assert rows[0][2] == rows[1][2]
+    # The unlabelled scan is a copy of a pituitary example: two twins, 16 distinct contents, 16 results.
+    assert (results, cached) == (16, 2)
