@@ -24,6 +24,7 @@ def domain_errors(fn):
     def wrapper(*args, **kwargs):
         from sqlalchemy.exc import OperationalError
 
+        from config import SettingsError
         from db.session import DatabaseUnavailable, safe_url
         from jobs.export import ExportError
         from jobs.labels import LabelError
@@ -36,7 +37,7 @@ def domain_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (FolderError, LabelError, ModelError, JobNotFound, DatabaseUnavailable, BrokerUnavailable,
-                ExportError, DataError) as exc:
+                ExportError, DataError, SettingsError) as exc:
             raise click.ClickException(str(exc)) from None
         except OperationalError as exc:
             url = safe_url(load_settings().database_url)

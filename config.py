@@ -12,6 +12,10 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "models" / "brainscan-v1.keras"
 
 
+class SettingsError(ValueError):
+    """An environment variable holds a value brainscan cannot use."""
+
+
 def _int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw in (None, ""):
@@ -19,7 +23,7 @@ def _int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError as exc:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
 
 
 def _paths(name: str) -> tuple[str, ...]:

@@ -8,8 +8,10 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+from config import SettingsError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -18,15 +20,27 @@ class DatabaseUnavailable(Exception):
     """The database could not be reached after retrying; the message never carries the password."""
 
 
+def parse_url(url: str):
+    """The parsed DATABASE_URL; SettingsError, never echoing a password, when it is not a database URL."""
+    try:
+        return make_url(url)
+    except ValueError as exc:  # sqlalchemy's ArgumentError is not one: it covers what the regex rejects
+        reason = "its port is not a number" if "int()" in str(exc) else str(exc)
+    except ArgumentError:
+        reason = "it does not parse"
+    raise SettingsError(f"DATABASE_URL is not a database URL: {reason} "
+                        "(expected e.g. postgresql://user:password@host:5432/brainscan)")
+
+
 def safe_url(url: str) -> str:
     """The URL with its password masked, for messages and logs."""
-    return make_url(url).render_as_string(hide_password=True)
+    return parse_url(url).render_as_string(hide_password=True)
 
 
 @lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
     """One engine per URL and process (engines are not shared across fork: see dispose_engines)."""
-    parsed = make_url(url)
+    parsed = parse_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -42,8 +56,12 @@ def get_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5,
-                         connect_args={"connect_timeout": 10})
+    try:
+        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5,
+                             connect_args={"connect_timeout": 10})
+    except NoSuchModuleError:
+        raise SettingsError(f"DATABASE_URL names database driver {parsed.drivername!r}, which is not installed "
+                            "(brainscan runs on postgresql:// and sqlite:///)") from None
 
 
 def dispose_engines() -> None:

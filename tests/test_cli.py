@@ -1,4 +1,5 @@
 """Every command documents itself with an example."""
+import pytest
 from click.testing import CliRunner
 
 from cli import cli
@@ -19,3 +20,28 @@ def test_submit_without_a_broker_points_to_run(tmp_path, monkeypatch):
 
     assert result.exit_code == 1
     assert result.output == "Error: BROKER_URL is not set: use `python cli.py run FOLDER` to process locally\n"
+
+
+@pytest.mark.parametrize("url, message", [
+    ("postgresql://brainscan:s3cret@db:port/brainscan",
+     "Error: DATABASE_URL is not a database URL: its port is not a number "
+     "(expected e.g. postgresql://user:password@host:5432/brainscan)\n"),
+    ("not a url",
+     "Error: DATABASE_URL is not a database URL: it does not parse "
+     "(expected e.g. postgresql://user:password@host:5432/brainscan)\n"),
+    ("mongodb://db/brainscan",
+     "Error: DATABASE_URL names database driver 'mongodb', which is not installed "
+     "(brainscan runs on postgresql:// and sqlite:///)\n"),
+])
+def test_a_malformed_database_url_is_a_one_line_error(tmp_path, monkeypatch, url, message):
+    monkeypatch.setenv("DATABASE_URL", url)
+    result = CliRunner().invoke(cli, ["jobs"])
+
+    assert (result.exit_code, result.output) == (1, message)
+
+
+def test_a_non_integer_setting_names_the_variable(monkeypatch):
+    monkeypatch.setenv("BRAINSCAN_BATCH_SIZE", "lots")
+    result = CliRunner().invoke(cli, ["jobs"])
+
+    assert (result.exit_code, result.output) == (1, "Error: BRAINSCAN_BATCH_SIZE must be an integer, got 'lots'\n")
