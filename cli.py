@@ -338,7 +338,7 @@ def migrate():
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=Path("models/brainscan-v1"), show_default=True,
               help="Output stem: writes OUT.keras, OUT.json, OUT-curves.png, OUT-confusion.png.")
-@click.option("--epochs", default=48, show_default=True)
+@click.option("--epochs", default=40, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--size", default=160, show_default=True, help="Input side in pixels.")
 @click.option("--seed", default=1337, show_default=True)

@@ -107,3 +107,22 @@ def test_ctrl_c_leaves_a_checkpoint_that_resume_continues(tmp_path):
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert resumed_epochs == list(range(interrupted_after + 1, 13))
     assert [h["epoch"] for h in card["history"]] == list(range(1, 13))
+
+
+def test_the_saved_model_is_float32_whatever_precision_trained_it(tiny_model):
+    from training.train import cpu_has_bf16_matmul
+    from vision.modelio import load_model
+
+    card = json.loads(tiny_model.with_suffix(".json").read_text())
+    model = load_model(tiny_model).keras_model
+
+    assert card["training_precision"] == ("mixed_bfloat16" if cpu_has_bf16_matmul() else "float32")
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+
+
+def test_the_card_records_both_weight_candidates_and_keeps_the_better(tiny_model):
+    weights = json.loads(tiny_model.with_suffix(".json").read_text())["weights"]
+    after = {name: s["after_bn_recalibration"] for name, s in weights["candidates"].items()}
+
+    assert set(after) == {"weight_average", "final"}
+    assert after[weights["kept"]] == max(after.values())
