@@ -338,18 +338,20 @@ def migrate():
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=Path("models/brainscan-v1"), show_default=True,
               help="Output stem: writes OUT.keras, OUT.json, OUT-curves.png, OUT-confusion.png.")
-@click.option("--epochs", default=40, show_default=True)
+@click.option("--epochs", default=36, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--size", default=160, show_default=True, help="Input side in pixels.")
 @click.option("--seed", default=1337, show_default=True)
 @click.option("--val-fraction", default=0.15, show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "float32", "mixed_bfloat16", "mixed_float16"]),
               default="auto", show_default=True,
-              help="auto: mixed float16 on a GPU, mixed bfloat16 on a CPU with AMX/AVX-512 BF16, else float32. "
-                   "The saved model is float32 either way.")
+              help="auto: mixed float16 on a GPU, float32 on a CPU (mixed_bfloat16 is ~1.8x faster per step "
+                   "on CPUs with AMX). The saved model is float32 either way.")
+@click.option("--gamma", default=0.0, show_default=True,
+              help="Intensity gamma augmentation: each training scan to a power in [e^-gamma, e^gamma].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint.")
 @domain_errors
-def train(data, out, epochs, batch_size, size, seed, val_fraction, precision, resume):
+def train(data, out, epochs, batch_size, size, seed, val_fraction, precision, gamma, resume):
     """Train the CNN on the class folders of DATA (a folder or .zip archive); write the model, card and plots.
 
     Example: python cli.py train ../shared/data/brain-tumor-mri/Training --out models/brainscan-v1
@@ -358,7 +360,7 @@ def train(data, out, epochs, batch_size, size, seed, val_fraction, precision, re
     from training.train import train as run_training
 
     cfg = TrainConfig(data, out, epochs=epochs, batch_size=batch_size, size=size, seed=seed,
-                      val_fraction=val_fraction, precision=precision, resume=resume,
+                      val_fraction=val_fraction, precision=precision, gamma=gamma, resume=resume,
                       command="python " + shlex.join(["cli.py", *sys.argv[1:]]))
     try:
         card = run_training(cfg)

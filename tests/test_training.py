@@ -109,14 +109,17 @@ def test_ctrl_c_leaves_a_checkpoint_that_resume_continues(tmp_path):
     assert [h["epoch"] for h in card["history"]] == list(range(1, 13))
 
 
-def test_the_saved_model_is_float32_whatever_precision_trained_it(tiny_model):
-    from training.train import cpu_has_bf16_matmul
+def test_a_model_trained_in_mixed_bfloat16_is_saved_in_float32(tmp_path):
+    from tests.conftest import EXAMPLES
+    from training.train import TrainConfig, train
     from vision.modelio import load_model
 
-    card = json.loads(tiny_model.with_suffix(".json").read_text())
-    model = load_model(tiny_model).keras_model
+    out = tmp_path / "bf16"
+    card = train(TrainConfig(EXAMPLES, out, epochs=1, size=64, batch_size=8, val_fraction=0.25,
+                             precision="mixed_bfloat16", cache_dir=tmp_path / "cache", command="pytest bf16"))
+    model = load_model(out.with_suffix(".keras")).keras_model
 
-    assert card["training_precision"] == ("mixed_bfloat16" if cpu_has_bf16_matmul() else "float32")
+    assert card["training_precision"] == "mixed_bfloat16"
     assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
 
 

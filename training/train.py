@@ -22,14 +22,16 @@ from vision.preprocess import DEFAULTS
 class TrainConfig:
     data_root: Path
     out: Path  # models/brainscan-v1 → models/brainscan-v1.keras, .json, -curves.png, -confusion.png
-    epochs: int = 40
+    epochs: int = 36
     batch_size: int = 32
     learning_rate: float = 2e-3
     weight_decay: float = 5e-4
     label_smoothing: float = 0.05
-    gamma: float = 0.35  # intensity gamma augmentation, log-uniform in [0.70, 1.42]; 0 turns it off
+    gamma: float = 0.0  # > 0: intensity gamma augmentation, log-uniform in [e^-gamma, e^gamma]
     ema_momentum: float = 0.998  # about 3.4 epochs of 146 steps; 0 turns the weight average off
-    precision: str = "auto"  # auto: mixed float16 on GPUs, mixed bfloat16 on CPUs with AMX, else float32
+    # auto: mixed float16 on GPUs, float32 on CPUs. mixed_bfloat16 trains 1.8x faster per step on a CPU with
+    # AMX (this one) but is not the shipped model's recipe: its 48-epoch run measured 0.9795, not 0.9807.
+    precision: str = "auto"
     val_fraction: float = 0.15
     seed: int = 1337
     size: int = DEFAULTS["size"]
@@ -37,15 +39,6 @@ class TrainConfig:
     command: str = ""
     cache_dir: Path = Path("var/cache")
     stages: tuple = field(default=None)
-
-
-def cpu_has_bf16_matmul() -> bool:
-    """True when the CPU multiplies bfloat16 in hardware (AMX or AVX-512 BF16), where oneDNN runs it ~2x faster."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def setup_devices(precision: str = "auto") -> tuple[str, str]:
@@ -57,7 +50,7 @@ def setup_devices(precision: str = "auto") -> tuple[str, str]:
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
     if precision == "auto":
-        precision = "mixed_float16" if gpus else ("mixed_bfloat16" if cpu_has_bf16_matmul() else "float32")
+        precision = "mixed_float16" if gpus else "float32"
     keras.mixed_precision.set_global_policy(precision)
     if gpus:
         return f"{len(gpus)} GPU(s): " + ", ".join(g.name for g in gpus), precision
