@@ -30,7 +30,8 @@ class TrainConfig:
     gamma: float = 0.0  # > 0: intensity gamma augmentation, log-uniform in [e^-gamma, e^gamma]
     ema_momentum: float = 0.998  # about 3.4 epochs of 146 steps; 0 turns the weight average off
     # auto: mixed float16 on GPUs, float32 on CPUs. mixed_bfloat16 trains 1.8x faster per step on a CPU with
-    # AMX (this one) but is not the shipped model's recipe: its 48-epoch run measured 0.9795, not 0.9807.
+    # AMX (this one) but is not the shipped model's recipe (a 48-epoch bf16 run measured 0.9795 against the
+    # shipped 36-epoch float32 run's 0.9807; bf16 at 36 epochs is unmeasured).
     precision: str = "auto"
     val_fraction: float = 0.15
     seed: int = 1337
