@@ -119,6 +119,7 @@ class KeepFinalWeights:
 
 
 def accuracy(model, x, y) -> float:
+    """Share of x the model classifies as y."""
     return float((model.predict(x, batch_size=128, verbose=0).argmax(axis=1) == y).mean())
 
 
