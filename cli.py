@@ -341,6 +341,11 @@ def migrate():
 @click.option("--epochs", default=36, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--size", default=160, show_default=True, help="Input side in pixels.")
+@click.option("--width", default=24, show_default=True,
+              help="Filters of the first conv stage; each later stage doubles them.")
+@click.option("--towers", default=1, show_default=True,
+              help="Networks trained one after another (seeds SEED, SEED+1, ...) and served as one model "
+                   "whose logits are their mean.")
 @click.option("--seed", default=1337, show_default=True)
 @click.option("--val-fraction", default=0.15, show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "float32", "mixed_bfloat16", "mixed_float16"]),
@@ -349,9 +354,11 @@ def migrate():
                    "on CPUs with AMX). The saved model is float32 either way.")
 @click.option("--gamma", default=0.0, show_default=True,
               help="Intensity gamma augmentation: each training scan to a power in [e^-gamma, e^gamma].")
+@click.option("--invert", default=0.0, show_default=True,
+              help="Share of training scans shown as the negative of the head (T1-like fluid turns T2-like).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint.")
 @domain_errors
-def train(data, out, epochs, batch_size, size, seed, val_fraction, precision, gamma, resume):
+def train(data, out, epochs, batch_size, size, width, towers, seed, val_fraction, precision, gamma, invert, resume):
     """Train the CNN on the class folders of DATA (a folder or .zip archive); write the model, card and plots.
 
     Example: python cli.py train ../shared/data/brain-tumor-mri/Training --out models/brainscan-v1
@@ -359,8 +366,8 @@ def train(data, out, epochs, batch_size, size, seed, val_fraction, precision, ga
     from training.train import TrainConfig
     from training.train import train as run_training
 
-    cfg = TrainConfig(data, out, epochs=epochs, batch_size=batch_size, size=size, seed=seed,
-                      val_fraction=val_fraction, precision=precision, gamma=gamma, resume=resume,
+    cfg = TrainConfig(data, out, epochs=epochs, batch_size=batch_size, size=size, width=width, towers=towers, seed=seed,
+                      val_fraction=val_fraction, precision=precision, gamma=gamma, invert=invert, resume=resume,
                       command="python " + shlex.join(["cli.py", *sys.argv[1:]]))
     try:
         card = run_training(cfg)

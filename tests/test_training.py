@@ -129,3 +129,16 @@ def test_the_card_records_both_weight_candidates_and_keeps_the_better(tiny_model
 
     assert set(after) == {"weight_average", "final"}
     assert after[weights["kept"]] == max(after.values())
+
+
+def test_the_width_sets_the_filters_of_every_stage_and_is_recorded(tmp_path):
+    from training.train import TrainConfig, train
+    from vision.modelio import load_model
+
+    out = tmp_path / "narrow"
+    card = train(TrainConfig(EXAMPLES, out, epochs=1, size=64, batch_size=8, val_fraction=0.25, width=8,
+                             cache_dir=tmp_path / "cache", command="pytest width"))
+    model = load_model(out.with_suffix(".keras")).keras_model
+
+    assert [layer.filters for layer in model.layers if hasattr(layer, "filters")] == [8, 16, 32, 32, 64, 64]
+    assert card["config"]["width"] == 8

@@ -6,9 +6,18 @@ from keras import layers
 
 GRADCAM_LAYER = "gradcam_features"
 
-# (filters, convs) per stage; every stage but the last ends with a 2x2 max-pool.
-# The last stage stays at 1/8 of the input (16x16 at 128 px) so Grad-CAM has a usable grid.
-STAGES = ((24, 1), (48, 1), (96, 2), (192, 2))
+# (filters, convs) per stage, as multiples of the base width; every stage but the last ends with a 2x2
+# max-pool. The last stage stays at 1/8 of the input (20x20 at 160 px) so Grad-CAM has a usable grid.
+SHAPE = ((1, 1), (2, 1), (4, 2), (8, 2))
+WIDTH = 24
+
+
+def stages_for(width: int = WIDTH) -> tuple:
+    """The (filters, convs) of each stage for a base width (the first stage's filters)."""
+    return tuple((width * m, convs) for m, convs in SHAPE)
+
+
+STAGES = stages_for(WIDTH)
 
 
 def conv_block(x, filters: int, name: str):
@@ -17,21 +26,62 @@ def conv_block(x, filters: int, name: str):
     return layers.ReLU(name=name)(x)
 
 
-def build_model(input_size: int = 128, classes: int = 4, stages=STAGES, dropout: float = 0.3) -> keras.Model:
-    """Build the CNN; the last conv block is `gradcam_features`, the class scores `logits`."""
-    inputs = keras.Input((input_size, input_size, 1), name="scan")
-    x = inputs
+def conv_stack(x, stages, prefix: str = "", last: str = GRADCAM_LAYER):
+    """The conv blocks of one network; its last block is named `last`, the others `{prefix}s{stage}c{conv}`."""
     for s, (filters, convs) in enumerate(stages):
         for c in range(convs):
-            last = s == len(stages) - 1 and c == convs - 1
-            x = conv_block(x, filters, GRADCAM_LAYER if last else f"s{s}c{c}")
+            final = s == len(stages) - 1 and c == convs - 1
+            x = conv_block(x, filters, last if final else f"{prefix}s{s}c{c}")
         if s < len(stages) - 1:
-            x = layers.MaxPooling2D(2, name=f"s{s}_pool")(x)
+            x = layers.MaxPooling2D(2, name=f"{prefix}s{s}_pool")(x)
+    return x
+
+
+def tower_layer_name(name: str, tower: int) -> str:
+    """Where a single network's layer sits in tower `tower` of a multi-tower model."""
+    return f"t{tower}_" + name.replace(GRADCAM_LAYER, "features")
+
+
+def build_model(input_size: int = 128, classes: int = 4, stages=STAGES, dropout: float = 0.3,
+                towers: int = 1) -> keras.Model:
+    """Build the CNN; the last conv block is `gradcam_features`, the class scores `logits`.
+
+    With towers > 1, that many conv stacks read the scan side by side and `gradcam_features` concatenates
+    their last blocks, so one dense head (and one Grad-CAM pass) reads them all.
+    """
+    inputs = keras.Input((input_size, input_size, 1), name="scan")
+    if towers == 1:
+        x = conv_stack(inputs, stages)
+    else:
+        stacks = [conv_stack(inputs, stages, f"t{k}_", tower_layer_name(GRADCAM_LAYER, k)) for k in range(towers)]
+        x = layers.Concatenate(name=GRADCAM_LAYER)(stacks)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     logits = layers.Dense(classes, name="logits", dtype="float32")(x)
     probs = layers.Softmax(name="probs", dtype="float32")(logits)
     return keras.Model(inputs, probs, name="brainscan_cnn")
+
+
+def merge_towers(models: list, input_size: int, stages) -> keras.Model:
+    """One multi-tower model whose logits are exactly the mean of the given networks' logits.
+
+    The mean of k dense heads over pooled features is itself a dense layer over the concatenated features
+    (kernels stacked and divided by k, biases averaged), so the ensemble keeps one named logits layer and
+    its Grad-CAM map is the mean of the networks' weighted feature maps.
+    """
+    import numpy as np
+
+    classes = models[0].get_layer("logits").units
+    merged = build_model(input_size, classes, stages, towers=len(models))
+    for k, model in enumerate(models):
+        for layer in model.layers:
+            if isinstance(layer, (layers.Conv2D, layers.BatchNormalization)):
+                merged.get_layer(tower_layer_name(layer.name, k)).set_weights(layer.get_weights())
+    heads = [model.get_layer("logits").get_weights() for model in models]
+    kernel = np.concatenate([w for w, _ in heads], axis=0) / len(models)
+    bias = np.mean([b for _, b in heads], axis=0)
+    merged.get_layer("logits").set_weights([kernel, bias])
+    return merged
 
 
 def flops_per_scan(model: keras.Model) -> int:

@@ -123,11 +123,27 @@ def augmenter(seed: int):
     )
 
 
-def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes: int, gamma: float = 0.0):
+def invert_head(x, head_level: float = 0.04):
+    """Negative of the head, background kept black: T1 fluid turns bright like T2 fluid, and T2 like T1.
+
+    The head is every pixel above head_level, closed by a 9x9 max/min pool so that dark fluid, bone and
+    sinuses inside it are inverted too rather than left as holes.
+    """
+    import tensorflow as tf
+
+    head = tf.cast(x > head_level, x.dtype)
+    head = -tf.nn.max_pool2d(-tf.nn.max_pool2d(head, 9, 1, "SAME"), 9, 1, "SAME")
+    return head * (1.0 - x)
+
+
+def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes: int, gamma: float = 0.0,
+             invert: float = 0.0):
     """tf.data pipelines: shuffled and augmented for training, plain for validation.
 
     gamma > 0 raises each training scan to a power drawn log-uniformly from [e^-gamma, e^gamma]: it changes
     how grey and white matter, fluid and lesion compare, the cue that tells T1, T2 and CT sources apart.
+    invert > 0 is the share of training scans shown as their negative (invert_head), so a tumour is seen in
+    both contrasts whatever sequence its source used.
     """
     import tensorflow as tf
 
@@ -138,6 +154,9 @@ def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes
         if gamma > 0:
             power = tf.exp(tf.random.uniform([tf.shape(x)[0], 1, 1, 1], -gamma, gamma, seed=seed + 6))
             x = tf.pow(x, power)
+        if invert > 0:
+            chosen = tf.cast(tf.random.uniform([tf.shape(x)[0], 1, 1, 1], seed=seed + 7) < invert, x.dtype)
+            x = chosen * invert_head(x) + (1.0 - chosen) * x
         return x, tf.one_hot(y, classes)
 
     def val_map(x, y):

@@ -10,10 +10,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
-    """Accuracy and loss per epoch, train vs validation."""
-    epochs = [h["epoch"] for h in history]
+    """Accuracy and loss per epoch, train vs validation; the towers of a multi-tower run one after another."""
+    epochs = list(range(1, len(history) + 1))
+    starts = [i + 1 for i, h in enumerate(history) if i and h.get("tower", 1) != history[i - 1].get("tower", 1)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     for ax, key in zip(axes, ("accuracy", "loss")):
+        for start in starts:  # where the next tower's training begins
+            ax.axvline(start - 0.5, color="grey", linestyle="--", linewidth=1)
         ax.plot(epochs, [h[key] for h in history], label="train", color="#1f77b4")
         ax.plot(epochs, [h[f"val_{key}"] for h in history], label="validation", color="#d62728")
         ax.set_xlabel("epoch")

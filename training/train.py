@@ -28,6 +28,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.05
     gamma: float = 0.0  # > 0: intensity gamma augmentation, log-uniform in [e^-gamma, e^gamma]
+    invert: float = 0.0  # share of training scans shown as their head's negative (data.invert_head)
     ema_momentum: float = 0.998  # about 3.4 epochs of 146 steps; 0 turns the weight average off
     # auto: mixed float16 on GPUs, float32 on CPUs. mixed_bfloat16 trains 1.8x faster per step on a CPU with
     # AMX (this one) but is not the shipped model's recipe (a 48-epoch bf16 run measured 0.9795 against the
@@ -36,6 +37,8 @@ class TrainConfig:
     val_fraction: float = 0.15
     seed: int = 1337
     size: int = DEFAULTS["size"]
+    width: int = 24  # filters of the first stage; later stages double it (architecture.stages_for)
+    towers: int = 1  # > 1: that many networks trained one after another (seeds seed, seed+1, ...) and merged
     resume: bool = False
     command: str = ""
     cache_dir: Path = Path("var/cache")
@@ -61,7 +64,7 @@ def setup_devices(precision: str = "auto") -> tuple[str, str]:
 class EpochLog:
     """Per-epoch line with duration and ETA, and the history kept for the card."""
 
-    def __new__(cls, total_epochs: int, history: list[dict], state_path: Path):
+    def __new__(cls, total_epochs: int, history: list[dict], state_path: Path, label: str = "", later_epochs: int = 0):
         import keras
 
         class _Log(keras.callbacks.Callback):
@@ -73,9 +76,9 @@ class EpochLog:
                 row = {"epoch": epoch + 1, "seconds": round(dt, 1), **{k: float(v) for k, v in (logs or {}).items()}}
                 history[:] = [h for h in history if h["epoch"] < epoch + 1] + [row]
                 state_path.write_text(json.dumps({"history": history}))
-                eta = dt * (total_epochs - epoch - 1)
+                eta = dt * (total_epochs - epoch - 1 + later_epochs)
                 print(
-                    f"epoch {epoch + 1}/{total_epochs}  {dt:5.1f}s  loss {row['loss']:.4f}  acc {row['accuracy']:.4f}  "
+                    f"{label}epoch {epoch + 1}/{total_epochs}  {dt:5.1f}s  loss {row['loss']:.4f}  acc {row['accuracy']:.4f}  "
                     f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  ETA {eta / 60:.1f} min",
                     flush=True,
                 )
@@ -155,23 +158,31 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run a full training; returns the model card. Ctrl-C leaves a resumable checkpoint."""
-    t_start = time.time()
-    hardware, policy = setup_devices(cfg.precision)
-    import keras
+@dataclass
+class Prepared:
+    """The split and its preprocessed arrays, made once for every network of a run."""
 
-    from training.architecture import GRADCAM_LAYER, STAGES, build_model, flops_per_scan
-    from training.plots import plot_confusion, plot_curves
-    from vision.modelio import write_card
+    train_ex: list
+    val_ex: list
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
 
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.parent / f".{out.name}-training"
-    work.mkdir(exist_ok=True)
-    params = dict(DEFAULTS, size=cfg.size)
-    keras.utils.set_random_seed(cfg.seed)
 
+@dataclass
+class Network:
+    """One trained network in float32 with what the card says about it."""
+
+    model: object
+    seed: int
+    history: list
+    weights: dict
+    earlier_seconds: float = 0.0  # training time spent by earlier processes that --resume continues
+
+
+def prepare(cfg: TrainConfig, params: dict) -> Prepared:
+    """Deduplicate, split by cfg.seed and load the cached arrays."""
     examples = tdata.labelled_examples(Path(cfg.data_root))
     train_ex, val_ex = tdata.split(examples, cfg.val_fraction, cfg.seed)
     t0 = time.time()
@@ -179,14 +190,32 @@ def train(cfg: TrainConfig) -> dict:
     x_val = tdata.cached_arrays(val_ex, params, cfg.cache_dir)
     print(f"data: {len(train_ex)} train, {len(val_ex)} validation scans (deduplicated), "
           f"preprocessed in {time.time() - t0:.0f}s", flush=True)
-    y_train, y_val = tdata.label_indices(train_ex), tdata.label_indices(val_ex)
-    batch_size = min(cfg.batch_size, len(x_train))  # a tiny data set still makes one batch per epoch
-    train_ds, val_ds = tdata.datasets(x_train, y_train, x_val, y_val, batch_size, cfg.seed, len(CLASSES),
-                                       gamma=cfg.gamma)
+    return Prepared(train_ex, val_ex, x_train, tdata.label_indices(train_ex), x_val, tdata.label_indices(val_ex))
 
-    stages = cfg.stages or STAGES
+
+def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy: str, stages,
+                label: str = "", later_epochs: int = 0) -> Network:
+    """Train one network (init and augmentation from `seed`), checkpointed in `work`; a finished one is reused
+    by --resume."""
+    import keras
+
+    from training.architecture import build_model
+
+    work.mkdir(parents=True, exist_ok=True)
+    finished, state_path = work / "network.keras", work / "history.json"
+    if cfg.resume and finished.exists():
+        state = json.loads(state_path.read_text())
+        print(f"{label}already trained: {finished}", flush=True)
+        return Network(keras.saving.load_model(finished, compile=False), seed, state["history"], state["weights"],
+                       state["seconds"])
+    t0 = time.time()
+    keras.mixed_precision.set_global_policy(policy)
+    keras.utils.set_random_seed(seed)
+    batch_size = min(cfg.batch_size, len(data.x_train))  # a tiny data set still makes one batch per epoch
+    train_ds, val_ds = tdata.datasets(data.x_train, data.y_train, data.x_val, data.y_val, batch_size, seed,
+                                      len(CLASSES), gamma=cfg.gamma, invert=cfg.invert)
     model = build_model(cfg.size, len(CLASSES), stages=stages)
-    steps = (len(x_train) // batch_size) * cfg.epochs
+    steps = (len(data.x_train) // batch_size) * cfg.epochs
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, steps, warmup_target=cfg.learning_rate, warmup_steps=max(1, steps // 20)
     )
@@ -196,17 +225,18 @@ def train(cfg: TrainConfig) -> dict:
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
         metrics=["accuracy"],
     )
-    state_path = work / "history.json"
     kept: dict = {}
     history: list[dict] = []
     if cfg.resume and state_path.exists():
-        history = json.loads(state_path.read_text())["history"]
+        # Epochs of an earlier process, marked so the card's wall time can count them.
+        history = [dict(row, resumed=True) for row in json.loads(state_path.read_text())["history"]]
     else:
         # A fresh run must not pick up an old run's backup.
         shutil.rmtree(work / "backup", ignore_errors=True)
+        finished.unlink(missing_ok=True)
     callbacks = [
         keras.callbacks.BackupAndRestore(str(work / "backup"), save_freq="epoch", delete_checkpoint=False),
-        EpochLog(cfg.epochs, history, state_path),
+        EpochLog(cfg.epochs, history, state_path, label, later_epochs),
         keras.callbacks.ModelCheckpoint(str(work / "last.keras"), save_freq="epoch"),
         KeepFinalWeights(cfg.epochs, kept),
     ]
@@ -222,8 +252,52 @@ def train(cfg: TrainConfig) -> dict:
 
     # fit() has swapped in the weight average; the last epoch's own weights are the other candidate.
     candidates = {"weight_average": model.get_weights(), **kept} if cfg.ema_momentum > 0 else {"final": model.get_weights()}
-    chosen, scores = choose_weights(model, candidates, x_train, x_val, y_val)
+    chosen, scores = choose_weights(model, candidates, data.x_train, data.x_val, data.y_val)
     model = float32_copy(model, cfg.size, stages)
+    weights = {"kept": chosen, "candidates": scores,
+               "note": "candidates are the last epoch's weights and their exponential moving average; "
+                       "each gets batch-norm statistics recomputed on the un-augmented training split and "
+                       "the more accurate on the validation split is kept"}
+    model.save(finished)
+    earlier = sum(row["seconds"] for row in history if row.get("resumed"))
+    state_path.write_text(json.dumps({"history": history, "weights": weights, "seconds": earlier + time.time() - t0}))
+    return Network(model, seed, history, weights, earlier)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run a full training; returns the model card. Ctrl-C leaves a resumable checkpoint."""
+    t_start = time.time()
+    hardware, policy = setup_devices(cfg.precision)
+    import keras
+
+    from training.architecture import GRADCAM_LAYER, flops_per_scan, merge_towers, stages_for
+    from training.plots import plot_confusion, plot_curves
+    from vision.modelio import write_card
+
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}-training"
+    params = dict(DEFAULTS, size=cfg.size)
+    data = prepare(cfg, params)
+    train_ex, val_ex, x_val, y_val = data.train_ex, data.val_ex, data.x_val, data.y_val
+    stages = cfg.stages or stages_for(cfg.width)
+
+    networks = []
+    for k in range(cfg.towers):
+        label = f"tower {k + 1}/{cfg.towers} " if cfg.towers > 1 else ""
+        where = work / f"tower{k + 1}" if cfg.towers > 1 else work
+        networks.append(fit_network(cfg, data, cfg.seed + k, where, policy, stages, label,
+                                    cfg.epochs * (cfg.towers - k - 1)))
+    keras.mixed_precision.set_global_policy("float32")
+    if cfg.towers == 1:
+        model, history, weights = networks[0].model, networks[0].history, networks[0].weights
+    else:
+        model = merge_towers([n.model for n in networks], cfg.size, stages)
+        history = [dict(row, tower=k + 1) for k, n in enumerate(networks) for row in n.history]
+        weights = {"towers": [dict(n.weights, seed=n.seed, validation_accuracy=accuracy(n.model, x_val, y_val))
+                              for n in networks],
+                   "note": "each tower is a network trained alone; the model's logits are the mean of theirs"}
+    chosen = weights.get("kept", "per tower")
     probs = model.predict(x_val, batch_size=128, verbose=0)
     print(f"kept weights '{chosen}' ({policy} training, served in float32): validation accuracy "
           f"{float((probs.argmax(axis=1) == y_val).mean()):.4f}", flush=True)
@@ -253,12 +327,11 @@ def train(cfg: TrainConfig) -> dict:
         "validation_sha256": [e.sha256 for e in val_ex],
         "history": history,
         "validation": val_metrics,
-        "weights": {"kept": chosen, "candidates": scores,
-                    "note": "candidates are the last epoch's weights and their exponential moving average; "
-                            "each gets batch-norm statistics recomputed on the un-augmented training split and "
-                            "the more accurate on the validation split is kept"},
+        "towers": cfg.towers,
+        "weights": weights,
         "training_precision": policy,
-        "wall_time_seconds": round(time.time() - t_start, 1),
+        # With --resume, this includes the epochs (or whole towers) that earlier processes trained.
+        "wall_time_seconds": round(time.time() - t_start + sum(n.earlier_seconds for n in networks), 1),
         "hardware": hardware,
         "keras_version": keras.__version__,
     }

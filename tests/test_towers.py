@@ -1,0 +1,72 @@
+"""Multi-tower models: separately trained networks served as one model with one logits layer and one Grad-CAM."""
+import numpy as np
+import pytest
+
+from training.architecture import GRADCAM_LAYER, build_model, merge_towers, stages_for
+from vision.gradcam import Explainer
+from vision.preprocess import DEFAULTS, prepare_bytes
+from tests.conftest import EXAMPLES
+
+STAGES = stages_for(8)
+
+
+def random_network(seed: int):
+    """A random-weight 64 px net whose batch-norm statistics and head are random too, so that each maps."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = build_model(64, 4, stages=STAGES)
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n), rng.normal(0, 0.1, n),
+                               rng.uniform(0.5, 2.0, n)])
+    head = model.get_layer("logits")
+    head.set_weights([rng.normal(size=head.kernel.shape), rng.normal(size=head.bias.shape)])
+    return model
+
+
+@pytest.fixture(scope="module")
+def towers():
+    import keras
+
+    networks = [random_network(1), random_network(2)]
+    scans = np.stack([prepare_bytes(p.read_bytes(), dict(DEFAULTS, size=64)).array
+                      for p in sorted(EXAMPLES.glob("*/*.jpg"))])
+    logits = [keras.Model(n.inputs, n.get_layer("logits").output)(scans).numpy() for n in networks]
+    return networks, merge_towers(networks, 64, STAGES), scans, logits
+
+
+def test_merged_logits_are_the_mean_of_the_networks_logits(towers):
+    import keras
+
+    _, merged, scans, logits = towers
+    merged_logits = keras.Model(merged.inputs, merged.get_layer("logits").output)(scans).numpy()
+
+    np.testing.assert_allclose(merged_logits, (logits[0] + logits[1]) / 2, atol=1e-4)
+
+
+def test_the_merged_grad_cam_layer_concatenates_both_towers_on_the_same_grid(towers):
+    _, merged, scans, _ = towers
+    probs, cams = Explainer(merged, GRADCAM_LAYER)(scans)
+
+    assert merged.get_layer(GRADCAM_LAYER).output.shape[1:] == (8, 8, 128)
+    assert cams.shape == (16, 8, 8) and probs.shape == (16, 4)
+    np.testing.assert_allclose(cams.reshape(16, -1).max(axis=1), 1.0, atol=1e-4)
+
+
+def test_a_tiny_two_tower_training_is_one_servable_model_with_both_towers_in_its_card(tmp_path):
+    from training.train import TrainConfig, train
+    from vision.modelio import load_model
+
+    out = tmp_path / "two"
+    card = train(TrainConfig(EXAMPLES, out, epochs=1, size=64, batch_size=8, val_fraction=0.25, width=8,
+                             towers=2, cache_dir=tmp_path / "cache", command="pytest towers"))
+    model = load_model(out.with_suffix(".keras")).keras_model
+    scans = np.zeros((2, 64, 64, 1), np.float32)
+
+    assert card["towers"] == 2
+    assert [t["seed"] for t in card["weights"]["towers"]] == [1337, 1338]
+    assert [(h["tower"], h["epoch"]) for h in card["history"]] == [(1, 1), (2, 1)]
+    assert Explainer(model, card["gradcam_layer"])(scans)[1].shape == (2, 8, 8)
