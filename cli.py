@@ -378,5 +378,26 @@ def train(data, out, epochs, batch_size, size, width, towers, seed, val_fraction
                f"macro-F1 {v['macro_avg']['f1']:.4f}, {card['wall_time_seconds'] / 60:.1f} min")
 
 
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Output stem: writes OUT.keras, OUT.json, OUT-curves.png, OUT-confusion.png.")
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Training data holding the models' validation scans (default: the folder in their card).")
+@domain_errors
+def merge(models, out, data):
+    """Serve models trained on the same split as one: towers side by side, logits averaged, one Grad-CAM layer.
+
+    Example: python cli.py merge models/a.keras models/b.keras --out models/brainscan-v1
+    """
+    from training.merge import merge as merge_models
+
+    args = [*map(str, models), "--out", str(out), *(["--data", str(data)] if data else [])]
+    card = merge_models(list(models), out, data, command="python " + shlex.join(["cli.py", "merge", *args]))
+    v = card["validation"]
+    click.echo(f"wrote {Path(out).with_suffix('.keras')}: {card['towers']} towers, validation accuracy "
+               f"{v['accuracy']:.4f}, macro-F1 {v['macro_avg']['f1']:.4f}")
+
+
 if __name__ == "__main__":
     cli()

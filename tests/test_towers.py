@@ -70,3 +70,52 @@ def test_a_tiny_two_tower_training_is_one_servable_model_with_both_towers_in_its
     assert [t["seed"] for t in card["weights"]["towers"]] == [1337, 1338]
     assert [(h["tower"], h["epoch"]) for h in card["history"]] == [(1, 1), (2, 1)]
     assert Explainer(model, card["gradcam_layer"])(scans)[1].shape == (2, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def two_tiny_models(tmp_path_factory):
+    """Two tiny networks on the same split (one and two epochs) and one on another split."""
+    from training.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("merge")
+    paths = {}
+    for name, epochs, fraction in (("one", 1, 0.25), ("two", 2, 0.25), ("other", 1, 0.5)):
+        train(TrainConfig(EXAMPLES, root / name, epochs=epochs, size=64, batch_size=8, val_fraction=fraction,
+                          width=8, cache_dir=root / "cache", command=f"pytest {name}"))
+        paths[name] = root / f"{name}.keras"
+    return paths
+
+
+def test_merge_scores_the_merged_model_on_the_shared_validation_split(two_tiny_models, tmp_path):
+    from click.testing import CliRunner
+
+    from cli import cli
+    from vision.modelio import load_model, read_card
+
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(cli, ["merge", str(two_tiny_models["one"]), str(two_tiny_models["two"]),
+                                      "--out", str(out)])
+    card = read_card(out.with_suffix(".keras"))
+    sources = [read_card(two_tiny_models[name]) for name in ("one", "two")]
+
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"wrote {out}.keras: 2 towers, validation accuracy ")
+    assert card["towers"] == 2 and card["validation_sha256"] == sources[0]["validation_sha256"]
+    assert sum(map(sum, card["validation"]["confusion_matrix"]["matrix"])) == 4
+    assert card["wall_time_seconds"] >= sources[0]["wall_time_seconds"] + sources[1]["wall_time_seconds"]
+    assert card["training_command"].startswith("pytest one && pytest two && python cli.py merge ")
+    assert load_model(out.with_suffix(".keras")).keras_model.get_layer("gradcam_features").output.shape[-1] == 128
+
+
+def test_models_trained_on_different_splits_are_not_merged(two_tiny_models, tmp_path):
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    one, other = str(two_tiny_models["one"]), str(two_tiny_models["other"])
+    result = CliRunner().invoke(cli, ["merge", one, other, "--out", str(tmp_path / "m")])
+
+    assert result.exit_code == 1
+    assert result.output == (f"Error: {other} and {one} differ in train_sha256: only models trained on the same "
+                             "split with the same preprocessing can be merged\n")
+    assert not (tmp_path / "m.keras").exists()

@@ -264,15 +264,18 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
     return Network(model, seed, history, weights, earlier)
 
 
+def tower_history(histories: list[list[dict]]) -> list[dict]:
+    """The towers' per-epoch rows one after another, each marked with its tower (1-based)."""
+    return [dict(row, tower=k + 1) for k, rows in enumerate(histories) for row in rows]
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run a full training; returns the model card. Ctrl-C leaves a resumable checkpoint."""
     t_start = time.time()
     hardware, policy = setup_devices(cfg.precision)
     import keras
 
-    from training.architecture import GRADCAM_LAYER, flops_per_scan, merge_towers, stages_for
-    from training.plots import plot_confusion, plot_curves
-    from vision.modelio import write_card
+    from training.architecture import merge_towers, stages_for
 
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -293,7 +296,7 @@ def train(cfg: TrainConfig) -> dict:
         model, history, weights = networks[0].model, networks[0].history, networks[0].weights
     else:
         model = merge_towers([n.model for n in networks], cfg.size, stages)
-        history = [dict(row, tower=k + 1) for k, n in enumerate(networks) for row in n.history]
+        history = tower_history([n.history for n in networks])
         weights = {"towers": [dict(n.weights, seed=n.seed, validation_accuracy=accuracy(n.model, x_val, y_val))
                               for n in networks],
                    "note": "each tower is a network trained alone; the model's logits are the mean of theirs"}
@@ -303,23 +306,12 @@ def train(cfg: TrainConfig) -> dict:
           f"{float((probs.argmax(axis=1) == y_val).mean()):.4f}", flush=True)
     pred = [CLASSES[i] for i in probs.argmax(axis=1)]
     val_metrics = classification_metrics([e.label for e in val_ex], pred, probs, list(CLASSES))
-    model_path = out.with_suffix(".keras")
-    model.save(model_path)
     card = {
         "name": out.name,
         "classes": list(CLASSES),
         "input_size": cfg.size,
         "preprocessing": params,
-        "gradcam_layer": GRADCAM_LAYER,
-        "gradcam_resolution": list(model.get_layer(GRADCAM_LAYER).output.shape[1:3]),
-        "gradcam_note": (
-            "Grad-CAM is read at the last conv block (1/8 of the input: 20x20 at 160 px), the finest grid "
-            "whose units still see most of the head. Maps are upsampled bilinearly over the square head crop "
-            "and pasted back at the crop's place on the scan's own pixel grid, zero outside it."
-        ),
-        "logits_layer": "logits",
-        "parameters": int(model.count_params()),
-        "flops_per_scan": flops_per_scan(model),
+        **model_fields(model),
         "training_command": cfg.command,
         "seed": cfg.seed,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items() if k != "command"},
@@ -335,7 +327,37 @@ def train(cfg: TrainConfig) -> dict:
         "hardware": hardware,
         "keras_version": keras.__version__,
     }
+    return write_outputs(model, out, card)
+
+
+def model_fields(model) -> dict:
+    """The card's fields read off the model itself: Grad-CAM layer and grid, logits layer, size, FLOPs."""
+    from training.architecture import GRADCAM_LAYER, flops_per_scan
+
+    return {
+        "gradcam_layer": GRADCAM_LAYER,
+        "gradcam_resolution": list(model.get_layer(GRADCAM_LAYER).output.shape[1:3]),
+        "gradcam_note": (
+            "Grad-CAM is read at the last conv block (1/8 of the input: 20x20 at 160 px), the finest grid "
+            "whose units still see most of the head. Maps are upsampled bilinearly over the square head crop "
+            "and pasted back at the crop's place on the scan's own pixel grid, zero outside it. In a "
+            "multi-tower model the layer concatenates the towers' last blocks, so the map is their mean."
+        ),
+        "logits_layer": "logits",
+        "parameters": int(model.count_params()),
+        "flops_per_scan": flops_per_scan(model),
+    }
+
+
+def write_outputs(model, out: Path, card: dict) -> dict:
+    """Save OUT.keras, its card (stamped with the file's SHA-256), OUT-curves.png and OUT-confusion.png."""
+    from training.plots import plot_confusion, plot_curves
+    from vision.modelio import write_card
+
+    model_path = out.with_suffix(".keras")
+    model.save(model_path)
     card = write_card(model_path, card)
-    plot_curves(history, out.parent / f"{out.name}-curves.png")
-    plot_confusion(val_metrics["confusion_matrix"]["matrix"], list(CLASSES), out.parent / f"{out.name}-confusion.png")
+    plot_curves(card["history"], out.parent / f"{out.name}-curves.png")
+    plot_confusion(card["validation"]["confusion_matrix"]["matrix"], card["classes"],
+                   out.parent / f"{out.name}-confusion.png")
     return card
