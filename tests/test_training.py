@@ -119,8 +119,11 @@ def test_a_model_trained_in_mixed_bfloat16_is_saved_in_float32(tmp_path):
                              precision="mixed_bfloat16", cache_dir=tmp_path / "cache", command="pytest bf16"))
     model = load_model(out.with_suffix(".keras")).keras_model
 
+    kept = card["weights"]["candidates"][card["weights"]["kept"]]
+
     assert card["training_precision"] == "mixed_bfloat16"
     assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    assert kept["after_bn_recalibration"] == card["validation"]["accuracy"]  # chosen as it is served
 
 
 def test_the_card_records_both_weight_candidates_and_keeps_the_better(tiny_model):

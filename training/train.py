@@ -252,8 +252,9 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
 
     # fit() has swapped in the weight average; the last epoch's own weights are the other candidate.
     candidates = {"weight_average": model.get_weights(), **kept} if cfg.ema_momentum > 0 else {"final": model.get_weights()}
-    chosen, scores = choose_weights(model, candidates, data.x_train, data.x_val, data.y_val)
+    # Recalibrate and choose in float32, as the worker serves it: bfloat16 statistics cost a scan or two.
     model = float32_copy(model, cfg.size, stages)
+    chosen, scores = choose_weights(model, candidates, data.x_train, data.x_val, data.y_val)
     weights = {"kept": chosen, "candidates": scores,
                "note": "candidates are the last epoch's weights and their exponential moving average; "
                        "each gets batch-norm statistics recomputed on the un-augmented training split and "
