@@ -50,7 +50,7 @@ def merge(model_paths: list[Path], out: Path, data_root: Path | None = None, cac
     import keras
 
     from training.architecture import merge_towers
-    from training.train import model_fields, tower_history, write_outputs
+    from training.train import TOWERS_NOTE, model_fields, tower_history, write_outputs
     from vision.modelio import load_model
 
     t0 = time.time()
@@ -88,7 +88,7 @@ def merge(model_paths: list[Path], out: Path, data_root: Path | None = None, cac
         "towers": len(cards),
         "sources": sources,
         "weights": {"towers": [c.get("weights") for c in cards],
-                    "note": "each tower is a network trained alone; the model's logits are the mean of theirs"},
+                    "note": TOWERS_NOTE},
         "training_precision": sorted({str(c.get("training_precision")) for c in cards}),
         # Training the towers is the cost of this model: their wall times add up, plus the merge.
         "wall_time_seconds": round(sum(c["wall_time_seconds"] for c in cards) + time.time() - t0, 1),

@@ -265,6 +265,9 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
     return Network(model, seed, history, weights, earlier)
 
 
+TOWERS_NOTE = "each tower is a network trained alone; the model's logits are the mean of theirs"
+
+
 def tower_history(histories: list[list[dict]]) -> list[dict]:
     """The towers' per-epoch rows one after another, each marked with its tower (1-based)."""
     return [dict(row, tower=k + 1) for k, rows in enumerate(histories) for row in rows]
@@ -300,7 +303,7 @@ def train(cfg: TrainConfig) -> dict:
         history = tower_history([n.history for n in networks])
         weights = {"towers": [dict(n.weights, seed=n.seed, validation_accuracy=accuracy(n.model, x_val, y_val))
                               for n in networks],
-                   "note": "each tower is a network trained alone; the model's logits are the mean of theirs"}
+                   "note": TOWERS_NOTE}
     chosen = weights.get("kept", "per tower")
     probs = model.predict(x_val, batch_size=128, verbose=0)
     print(f"kept weights '{chosen}' ({policy} training, served in float32): validation accuracy "
