@@ -109,6 +109,45 @@ def test_ctrl_c_leaves_a_checkpoint_that_resume_continues(tmp_path):
     assert [h["epoch"] for h in card["history"]] == list(range(1, 13))
 
 
+def test_a_signal_while_an_epoch_is_checkpointed_interrupts_only_after_the_checkpoint():
+    import os
+    import signal
+
+    import keras
+
+    from training.train import Interrupts
+
+    written = []
+
+    class Checkpoint(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            os.kill(os.getpid(), signal.SIGTERM)
+            written.append(epoch)
+
+    interrupts = Interrupts()
+    callbacks = interrupts.around([Checkpoint(), Checkpoint()])
+    with interrupts, pytest.raises(KeyboardInterrupt):
+        for callback in callbacks:
+            callback.on_epoch_end(4)
+
+    assert written == [4, 4]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_signal_outside_the_checkpoint_interrupts_at_once():
+    import os
+    import signal
+
+    from training.train import Interrupts
+
+    reached = []
+    with Interrupts(), pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        reached.append("after the signal")
+
+    assert reached == []
+
+
 def test_a_model_trained_in_mixed_bfloat16_is_saved_in_float32(tmp_path):
     from tests.conftest import EXAMPLES
     from training.train import TrainConfig, train

@@ -154,8 +154,46 @@ def float32_copy(model, size: int, stages):
     return served
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+class Interrupts:
+    """Turns SIGINT and SIGTERM into KeyboardInterrupt, held back while an epoch's checkpoints are written.
+
+    A signal that lands between the backup and the history of one epoch would leave them disagreeing on
+    how far training got, so --resume would skip or repeat an epoch; the epoch-end callbacks run as a unit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.writing = self.pending = False
+
+    def handle(self, signum, frame):
+        if self.writing:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    def around(self, callbacks: list) -> list:
+        """The callbacks, bracketed so that a signal during their on_epoch_end takes effect after it."""
+        import keras
+
+        def begin(epoch, logs=None):
+            self.writing = True
+
+        def end(epoch, logs=None):
+            self.writing = False
+            if self.pending:
+                raise KeyboardInterrupt
+
+        return [keras.callbacks.LambdaCallback(on_epoch_end=begin), *callbacks,
+                keras.callbacks.LambdaCallback(on_epoch_end=end)]
+
+    def __enter__(self):
+        self.previous = [signal.signal(s, self.handle) for s in self.SIGNALS]
+        return self
+
+    def __exit__(self, *exc):
+        for s, previous in zip(self.SIGNALS, self.previous):
+            signal.signal(s, previous)
 
 
 @dataclass
@@ -234,21 +272,19 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
         # A fresh run must not pick up an old run's backup.
         shutil.rmtree(work / "backup", ignore_errors=True)
         finished.unlink(missing_ok=True)
-    callbacks = [
+    interrupts = Interrupts()
+    callbacks = interrupts.around([
         keras.callbacks.BackupAndRestore(str(work / "backup"), save_freq="epoch", delete_checkpoint=False),
         EpochLog(cfg.epochs, history, state_path, label, later_epochs),
         keras.callbacks.ModelCheckpoint(str(work / "last.keras"), save_freq="epoch"),
         KeepFinalWeights(cfg.epochs, kept),
-    ]
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _interrupt)
+    ])
     try:
-        model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks, verbose=0)
+        with interrupts:
+            model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks, verbose=0)
     except KeyboardInterrupt:
         print(f"interrupted: the last finished epoch is checkpointed in {work}; continue with --resume", flush=True)
         raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
     # fit() has swapped in the weight average; the last epoch's own weights are the other candidate.
     candidates = {"weight_average": model.get_weights(), **kept} if cfg.ema_momentum > 0 else {"final": model.get_weights()}
