@@ -388,6 +388,8 @@ def train(data, out, epochs, batch_size, size, width, towers, seed, val_fraction
 def merge(models, out, data):
     """Serve models trained on the same split as one: towers side by side, logits averaged, one Grad-CAM layer.
 
+    A model that already has towers joins with each of them, so every network weighs the same.
+
     Example: python cli.py merge models/a.keras models/b.keras --out models/brainscan-v1
     """
     from training.merge import merge as merge_models

@@ -47,6 +47,19 @@ def test_merged_logits_are_the_mean_of_the_networks_logits(towers):
     np.testing.assert_allclose(merged_logits, (logits[0] + logits[1]) / 2, atol=1e-4)
 
 
+def test_a_multi_tower_model_merges_as_its_towers_so_every_network_weighs_the_same(towers):
+    import keras
+
+    networks, merged, scans, logits = towers
+    third = random_network(3)
+    logits3 = keras.Model(third.inputs, third.get_layer("logits").output)(scans).numpy()
+    three = merge_towers([merged, third], 64, STAGES)
+    out = keras.Model(three.inputs, three.get_layer("logits").output)(scans).numpy()
+
+    assert len(three.get_layer(GRADCAM_LAYER).input) == 3
+    np.testing.assert_allclose(out, (logits[0] + logits[1] + logits3) / 3, rtol=1e-4, atol=1e-4)
+
+
 def test_the_merged_grad_cam_layer_concatenates_both_towers_on_the_same_grid(towers):
     _, merged, scans, _ = towers
     probs, cams = Explainer(merged, GRADCAM_LAYER)(scans)
@@ -105,6 +118,19 @@ def test_merge_scores_the_merged_model_on_the_shared_validation_split(two_tiny_m
     assert card["wall_time_seconds"] >= sources[0]["wall_time_seconds"] + sources[1]["wall_time_seconds"]
     assert card["training_command"].startswith("pytest one && pytest two && python cli.py merge ")
     assert load_model(out.with_suffix(".keras")).keras_model.get_layer("gradcam_features").output.shape[-1] == 128
+
+
+def test_merging_a_merged_model_lists_every_tower_in_the_card(two_tiny_models, tmp_path):
+    from training.merge import merge
+
+    pair = merge([two_tiny_models["one"], two_tiny_models["two"]], tmp_path / "pair", command="pytest pair")
+    three = merge([tmp_path / "pair.keras", two_tiny_models["one"]], tmp_path / "three", command="pytest three")
+
+    assert three["towers"] == 3
+    assert three["seed"] == [1337, 1337, 1337]
+    assert [(h["tower"], h["epoch"]) for h in three["history"]] == [(1, 1), (2, 1), (2, 2), (3, 1)]
+    assert [t["kept"] for t in three["weights"]["towers"]] == [t["kept"] for t in pair["weights"]["towers"]] + [
+        three["weights"]["towers"][0]["kept"]]
 
 
 def test_models_trained_on_different_splits_are_not_merged(two_tiny_models, tmp_path):

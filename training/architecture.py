@@ -1,6 +1,8 @@
 """The custom CNN: plain Conv2D/BatchNorm/ReLU blocks, global pooling and a named logits layer."""
 from __future__ import annotations
 
+import re
+
 import keras
 from keras import layers
 
@@ -62,25 +64,40 @@ def build_model(input_size: int = 128, classes: int = 4, stages=STAGES, dropout:
     return keras.Model(inputs, probs, name="brainscan_cnn")
 
 
+def towers_of(model: keras.Model) -> int:
+    """How many towers a model holds; a plain network is one."""
+    return sum(1 for layer in model.layers if re.fullmatch(r"t\d+_features", layer.name)) or 1
+
+
 def merge_towers(models: list, input_size: int, stages) -> keras.Model:
-    """One multi-tower model whose logits are exactly the mean of the given networks' logits.
+    """One multi-tower model whose logits are exactly the mean of its towers' logits, every tower of every model
+    counted once.
 
     The mean of k dense heads over pooled features is itself a dense layer over the concatenated features
     (kernels stacked and divided by k, biases averaged), so the ensemble keeps one named logits layer and
-    its Grad-CAM map is the mean of the networks' weighted feature maps.
+    its Grad-CAM map is the mean of the networks' weighted feature maps. A model that already has k towers
+    joins as k networks: tower i's logits are k times its rows of the head, plus the head's bias, whose
+    mean over the towers is that model's logits.
     """
     import numpy as np
 
     classes = models[0].get_layer("logits").units
-    merged = build_model(input_size, classes, stages, towers=len(models))
-    for k, model in enumerate(models):
-        for layer in model.layers:
-            if isinstance(layer, (layers.Conv2D, layers.BatchNormalization)):
-                merged.get_layer(tower_layer_name(layer.name, k)).set_weights(layer.get_weights())
-    heads = [model.get_layer("logits").get_weights() for model in models]
-    kernel = np.concatenate([w for w, _ in heads], axis=0) / len(models)
-    bias = np.mean([b for _, b in heads], axis=0)
-    merged.get_layer("logits").set_weights([kernel, bias])
+    counts = [towers_of(model) for model in models]
+    merged = build_model(input_size, classes, stages, towers=sum(counts))
+    reference = build_model(input_size, classes, stages)
+    names = [layer.name for layer in reference.layers if isinstance(layer, (layers.Conv2D, layers.BatchNormalization))]
+    features = stages[-1][0]
+    kernels, bias, j = [], 0.0, 0
+    for model, k in zip(models, counts):
+        kernel, model_bias = model.get_layer("logits").get_weights()
+        bias = bias + k * model_bias
+        for i in range(k):
+            for name in names:
+                source = model.get_layer(name if k == 1 else tower_layer_name(name, i))
+                merged.get_layer(tower_layer_name(name, j)).set_weights(source.get_weights())
+            kernels.append(k * kernel[i * features : (i + 1) * features])
+            j += 1
+    merged.get_layer("logits").set_weights([np.concatenate(kernels, axis=0) / j, bias / j])
     return merged
 
 

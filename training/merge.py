@@ -28,10 +28,16 @@ def check_mergeable(cards: list[dict], names: list[str]) -> None:
                 raise ModelError(f"{name} and {names[0]} differ in {key}: only models trained on the same split "
                                  "with the same preprocessing can be merged")
     for card, name in zip(cards, names):
-        if card.get("towers", 1) != 1:
-            raise ModelError(f"{name} is already a {card['towers']}-tower model: merge its source models instead")
         if stages_of(card) != stages_of(cards[0]):
             raise ModelError(f"{name} and {names[0]} have different conv stages")
+
+
+def card_towers(card: dict) -> list[dict]:
+    """Each tower a card describes, as its seed, history rows and weights; a plain network's card describes one."""
+    if card.get("towers", 1) == 1:
+        return [{"seed": card["seed"], "history": card["history"], "weights": card.get("weights") or {}}]
+    return [{"seed": weights.get("seed"), "history": [row for row in card["history"] if row.get("tower") == k + 1],
+             "weights": weights} for k, weights in enumerate(card["weights"]["towers"])]
 
 
 def validation_examples(card: dict, data_root: Path) -> list:
@@ -68,6 +74,7 @@ def merge(model_paths: list[Path], out: Path, data_root: Path | None = None, cac
     classes = first["classes"]
     val_metrics = classification_metrics([e.label for e in val_ex], [classes[i] for i in probs.argmax(axis=1)],
                                          probs, classes)
+    towers = [t for c in cards for t in card_towers(c)]
     sources = [{"model": str(p), "sha256": c["sha256"], "training_command": c["training_command"],
                 "seed": c["seed"], "validation_accuracy": c["validation"]["accuracy"],
                 "wall_time_seconds": c["wall_time_seconds"], "training_precision": c.get("training_precision")}
@@ -79,16 +86,15 @@ def merge(model_paths: list[Path], out: Path, data_root: Path | None = None, cac
         "preprocessing": first["preprocessing"],
         **model_fields(model),
         "training_command": " && ".join([c["training_command"] for c in cards] + [command]),
-        "seed": [c["seed"] for c in cards],
+        "seed": [t["seed"] for t in towers],
         "config": first["config"],
         "train_sha256": first["train_sha256"],
         "validation_sha256": first["validation_sha256"],
-        "history": tower_history([c["history"] for c in cards]),
+        "history": tower_history([t["history"] for t in towers]),
         "validation": val_metrics,
-        "towers": len(cards),
+        "towers": len(towers),
         "sources": sources,
-        "weights": {"towers": [c.get("weights") for c in cards],
-                    "note": TOWERS_NOTE},
+        "weights": {"towers": [dict(t["weights"], seed=t["seed"]) for t in towers], "note": TOWERS_NOTE},
         "training_precision": sorted({str(c.get("training_precision")) for c in cards}),
         # Training the towers is the cost of this model: their wall times add up, plus the merge.
         "wall_time_seconds": round(sum(c["wall_time_seconds"] for c in cards) + time.time() - t0, 1),
