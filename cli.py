@@ -356,9 +356,12 @@ def migrate():
               help="Intensity gamma augmentation: each training scan to a power in [e^-gamma, e^gamma].")
 @click.option("--invert", default=0.0, show_default=True,
               help="Share of training scans shown as the negative of the head (T1-like fluid turns T2-like).")
+@click.option("--clean-epochs", default=0, show_default=True,
+              help="The last N epochs augment with left-right flips only, so training ends on scans as served.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint.")
 @domain_errors
-def train(data, out, epochs, batch_size, size, width, towers, seed, val_fraction, precision, gamma, invert, resume):
+def train(data, out, epochs, batch_size, size, width, towers, seed, val_fraction, precision, gamma, invert,
+          clean_epochs, resume):
     """Train the CNN on the class folders of DATA (a folder or .zip archive); write the model, card and plots.
 
     Example: python cli.py train ../shared/data/brain-tumor-mri/Training --out models/brainscan-v1
@@ -367,7 +370,8 @@ def train(data, out, epochs, batch_size, size, width, towers, seed, val_fraction
     from training.train import train as run_training
 
     cfg = TrainConfig(data, out, epochs=epochs, batch_size=batch_size, size=size, width=width, towers=towers, seed=seed,
-                      val_fraction=val_fraction, precision=precision, gamma=gamma, invert=invert, resume=resume,
+                      val_fraction=val_fraction, precision=precision, gamma=gamma, invert=invert,
+                      clean_epochs=clean_epochs, resume=resume,
                       command="python " + shlex.join(["cli.py", *sys.argv[1:]]))
     try:
         card = run_training(cfg)

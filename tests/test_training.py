@@ -148,6 +148,48 @@ def test_a_signal_outside_the_checkpoint_interrupts_at_once():
     assert reached == []
 
 
+def test_with_augmentation_switched_off_training_batches_are_the_scans_or_their_mirror_images():
+    import tensorflow as tf
+
+    from training.data import datasets
+
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(size=(16, 32, 32, 1)).astype(np.float32), np.arange(16, dtype=np.int32) % 4
+    train_ds, _ = datasets(x, y, x, y, batch_size=16, seed=1, classes=4, augmenting=tf.Variable(False))
+    batch, _ = next(iter(train_ds))
+
+    for row in batch.numpy():  # shuffled: each row is matched to its scan by content
+        assert any(np.array_equal(row, scan) or np.array_equal(row, scan[:, ::-1]) for scan in x)
+
+
+def test_the_last_clean_epochs_switch_augmentation_off():
+    import tensorflow as tf
+
+    from training.train import clean_epochs
+
+    augmenting = tf.Variable(True)
+    callback = clean_epochs(augmenting, epochs=8, clean=3)
+    seen = []
+    for epoch in range(8):
+        callback.on_epoch_begin(epoch)
+        seen.append(bool(augmenting.numpy()))
+
+    assert seen == [True] * 5 + [False] * 3
+
+
+def test_with_augmentation_on_training_batches_are_transformed():
+    import tensorflow as tf
+
+    from training.data import datasets
+
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(size=(16, 32, 32, 1)).astype(np.float32), np.arange(16, dtype=np.int32) % 4
+    train_ds, _ = datasets(x, y, x, y, batch_size=16, seed=1, classes=4, augmenting=tf.Variable(True))
+    batch, _ = next(iter(train_ds))
+
+    assert not any(np.array_equal(row, scan) or np.array_equal(row, scan[:, ::-1]) for row in batch.numpy() for scan in x)
+
+
 def test_a_model_trained_in_mixed_bfloat16_is_saved_in_float32(tmp_path):
     from tests.conftest import EXAMPLES
     from training.train import TrainConfig, train

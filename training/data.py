@@ -137,8 +137,11 @@ def invert_head(x, head_level: float = 0.04):
 
 
 def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes: int, gamma: float = 0.0,
-             invert: float = 0.0):
+             invert: float = 0.0, augmenting=None):
     """tf.data pipelines: shuffled and augmented for training, plain for validation.
+
+    augmenting, a boolean tf.Variable, switches the training augmentation down to left-right flips while it
+    is False (the clean last epochs), read as each batch is made.
 
     gamma > 0 raises each training scan to a power drawn log-uniformly from [e^-gamma, e^gamma]: it changes
     how grey and white matter, fluid and lesion compare, the cue that tells T1, T2 and CT sources apart.
@@ -148,9 +151,13 @@ def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes
     import tensorflow as tf
 
     aug = augmenter(seed)
+    flip = aug.get_layer(index=0)
+    augmenting = tf.constant(True) if augmenting is None else augmenting
 
     def train_map(x, y):
-        x = tf.clip_by_value(aug(tf.cast(x, tf.float32), training=True), 0.0, 1.0)
+        x = tf.cast(x, tf.float32)
+        x = tf.cond(augmenting, lambda: tf.clip_by_value(aug(x, training=True), 0.0, 1.0),
+                    lambda: flip(x, training=True))
         if gamma > 0:
             power = tf.exp(tf.random.uniform([tf.shape(x)[0], 1, 1, 1], -gamma, gamma, seed=seed + 6))
             x = tf.pow(x, power)

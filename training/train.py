@@ -29,6 +29,7 @@ class TrainConfig:
     label_smoothing: float = 0.05
     gamma: float = 0.0  # > 0: intensity gamma augmentation, log-uniform in [e^-gamma, e^gamma]
     invert: float = 0.0  # share of training scans shown as their head's negative (data.invert_head)
+    clean_epochs: int = 0  # the last N epochs see left-right flips only, as served scans look
     ema_momentum: float = 0.998  # about 3.4 epochs of 146 steps; 0 turns the weight average off
     # auto: mixed float16 on GPUs, float32 on CPUs. mixed_bfloat16 trains 1.8x faster per step on a CPU with
     # AMX (this one) but is not the shipped model's recipe (a 48-epoch bf16 run measured 0.9795 against the
@@ -119,6 +120,14 @@ class KeepFinalWeights:
                     store["final"] = self.model.get_weights()
 
         return _Keep()
+
+
+def clean_epochs(augmenting, epochs: int, clean: int):
+    """A callback that turns full augmentation off (flips only) for the last `clean` of `epochs` epochs."""
+    import keras
+
+    return keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs=None: augmenting.assign(epoch < epochs - clean))
 
 
 def accuracy(model, x, y) -> float:
@@ -236,6 +245,7 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
     """Train one network (init and augmentation from `seed`), checkpointed in `work`; a finished one is reused
     by --resume."""
     import keras
+    import tensorflow as tf
 
     from training.architecture import build_model
 
@@ -250,8 +260,9 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(seed)
     batch_size = min(cfg.batch_size, len(data.x_train))  # a tiny data set still makes one batch per epoch
+    augmenting = tf.Variable(True, trainable=False)
     train_ds, val_ds = tdata.datasets(data.x_train, data.y_train, data.x_val, data.y_val, batch_size, seed,
-                                      len(CLASSES), gamma=cfg.gamma, invert=cfg.invert)
+                                      len(CLASSES), gamma=cfg.gamma, invert=cfg.invert, augmenting=augmenting)
     model = build_model(cfg.size, len(CLASSES), stages=stages)
     steps = (len(data.x_train) // batch_size) * cfg.epochs
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -278,6 +289,7 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
         EpochLog(cfg.epochs, history, state_path, label, later_epochs),
         keras.callbacks.ModelCheckpoint(str(work / "last.keras"), save_freq="epoch"),
         KeepFinalWeights(cfg.epochs, kept),
+        clean_epochs(augmenting, cfg.epochs, cfg.clean_epochs),
     ])
     try:
         with interrupts:
