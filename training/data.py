@@ -112,7 +112,7 @@ def augmenter(seed: int):
     # float32 whatever the training precision: augmentation is cheap and should not round the scans.
     return keras.Sequential(
         [
-            layers.RandomFlip("horizontal", seed=seed, dtype="float32"),
+            layers.RandomFlip("horizontal", seed=seed, dtype="float32", name="flip"),
             layers.RandomRotation(0.04, fill_mode="constant", seed=seed + 1, dtype="float32"),  # ±15°
             layers.RandomTranslation(0.06, 0.06, fill_mode="constant", seed=seed + 2, dtype="float32"),
             layers.RandomZoom((-0.12, 0.12), fill_mode="constant", seed=seed + 3, dtype="float32"),
@@ -151,7 +151,7 @@ def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes
     import tensorflow as tf
 
     aug = augmenter(seed)
-    flip = aug.get_layer(index=0)
+    flip = aug.get_layer("flip")
     augmenting = tf.constant(True) if augmenting is None else augmenting
 
     def train_map(x, y):
