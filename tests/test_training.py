@@ -226,3 +226,77 @@ def test_the_width_sets_the_filters_of_every_stage_and_is_recorded(tmp_path):
 
     assert [layer.filters for layer in model.layers if hasattr(layer, "filters")] == [8, 16, 32, 32, 64, 64]
     assert card["config"]["width"] == 8
+
+
+def test_downsized_twins_exist_only_for_large_scans_and_are_the_same_scan_at_a_small_size(tmp_path):
+    from PIL import Image
+
+    from training.data import downsized_twins
+
+    examples = labelled_examples(EXAMPLES)
+    params = dict(DEFAULTS, size=64)
+    twins, has = downsized_twins(examples, params, tmp_path, seed=3)
+    clean = cached_arrays(examples, params, tmp_path)
+    short_sides = [min(Image.open(e.path).size) for e in examples]
+
+    assert has.tolist() == [side >= 300 for side in short_sides]
+    for twin, scan in zip(twins[has], clean[has]):
+        assert not np.array_equal(twin, scan)
+        assert np.corrcoef(twin.ravel(), scan.ravel())[0, 1] > 0.9
+    assert not twins[~has].any()
+
+
+def test_downsized_twins_are_drawn_from_the_seed_and_cached(tmp_path):
+    from training.data import downsized_twins
+
+    examples = labelled_examples(EXAMPLES)
+    params = dict(DEFAULTS, size=64)
+    first, has = downsized_twins(examples, params, tmp_path / "a", seed=3)
+    again, _ = downsized_twins(examples, params, tmp_path / "a", seed=3)
+    other, _ = downsized_twins(examples, params, tmp_path / "b", seed=4)
+
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first[has], other[has])
+
+
+def test_with_downsize_one_every_scan_that_has_a_twin_is_shown_as_it():
+    import tensorflow as tf
+
+    from training.data import datasets
+
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(size=(16, 32, 32, 1)).astype(np.float32), np.arange(16, dtype=np.int32) % 4
+    small, has = rng.uniform(size=x.shape).astype(np.float32), np.arange(16) % 2 == 0
+    train_ds, _ = datasets(x, y, x, y, batch_size=16, seed=1, classes=4, augmenting=tf.Variable(False),
+                           twins=(small, has), downsize=1.0)
+    batch, labels = next(iter(train_ds))
+
+    def shown(row, scan):
+        return np.array_equal(row, scan) or np.array_equal(row, scan[:, ::-1])
+
+    for row, label in zip(batch.numpy(), labels.numpy().argmax(axis=1)):
+        k = next(k for k in range(16) if shown(row, x[k]) or shown(row, small[k]))
+        assert y[k] == label and shown(row, small[k] if has[k] else x[k])
+
+
+def test_fine_tuning_starts_from_the_given_models_weights_and_counts_its_training_time(tiny_model, tmp_path):
+    from training.train import TrainConfig, train
+
+    out = tmp_path / "tuned"
+    card = train(TrainConfig(EXAMPLES, out, epochs=1, size=64, val_fraction=0.25, init=tiny_model,
+                             learning_rate=1e-9, ema_momentum=0, cache_dir=tmp_path / "cache", command="pytest init"))
+    source = json.loads(tiny_model.with_suffix(".json").read_text())
+
+    assert card["init_model"]["sha256"] == source["sha256"]
+    assert card["wall_time_seconds"] > source["wall_time_seconds"]
+    # At a vanishing learning rate only the recalibrated batch-norm statistics can move the predictions.
+    assert card["validation"]["accuracy"] == source["validation"]["accuracy"]
+
+
+def test_fine_tuning_refuses_a_model_of_another_width(tiny_model, tmp_path):
+    from training.train import TrainConfig, train
+    from vision.errors import ModelError
+
+    with pytest.raises(ModelError, match="its layers differ from this run's network"):
+        train(TrainConfig(EXAMPLES, tmp_path / "wide", epochs=1, size=64, val_fraction=0.25, width=8,
+                          init=tiny_model, cache_dir=tmp_path / "cache", command="pytest init"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import multiprocessing
 import json
 from concurrent.futures import ProcessPoolExecutor
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from jobs import sources
@@ -95,6 +97,61 @@ def cached_arrays(examples: list[Example], params: dict, cache_dir: Path, worker
     return out
 
 
+def _downsized(args):
+    root, relpath, sha256, params, seed, min_side = args
+    from vision.decode import decode
+
+    data, frame = sources.load(root, relpath)
+    gray = decode(data, frame=frame)
+    h, w = gray.shape
+    if min(h, w) < min_side:
+        return None
+    rng = np.random.default_rng([int(sha256[:16], 16), seed])
+    side, quality = int(rng.integers(*SMALL_SIDES)), int(rng.integers(*SMALL_QUALITY))
+    image = Image.fromarray(np.round(gray * 255).astype(np.uint8), mode="L")
+    image = image.resize((round(w * side / min(h, w)), round(h * side / min(h, w))), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return prepare_bytes(buffer.getvalue(), params).array
+
+
+# The small scans of the data set (mostly notumor) are 200-300 px JPEGs; a large scan is shown as one of them.
+SMALL_SIDES = (200, 301)
+SMALL_QUALITY = (70, 96)
+
+
+def downsized_twins(examples: list[Example], params: dict, cache_dir: Path, seed: int, min_side: int = 300,
+                    workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Each scan with a short side >= min_side preprocessed again from a downsized JPEG copy of itself, as the
+    small sources look (short side 200-300 px, quality 70-95, drawn from its hash and seed), and a mask of
+    the scans that have one; the others' rows are zero. Cached like cached_arrays."""
+    key = hashlib.sha256(json.dumps({**params, "dtype": "float32", "seed": seed, "min_side": min_side,
+                                     "sides": SMALL_SIDES, "quality": SMALL_QUALITY},
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    cache_dir = Path(cache_dir) / f"small-{key}"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    size = params["size"]
+    out = np.zeros((len(examples), size, size, 1), dtype=np.float32)
+    has = np.zeros(len(examples), dtype=bool)
+    todo = []
+    for i, ex in enumerate(examples):
+        f = cache_dir / f"{ex.sha256}.npy"
+        if f.exists():
+            arr = np.load(f)
+            if arr.ndim == 3:  # a 0-d array marks a scan too small to have a twin
+                out[i], has[i] = arr, True
+        else:
+            todo.append(i)
+    if todo:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            jobs = [_source(examples[i]) + (examples[i].sha256, params, seed, min_side) for i in todo]
+            for i, arr in zip(todo, pool.map(_downsized, jobs, chunksize=32)):
+                if arr is not None:
+                    out[i], has[i] = arr, True
+                np.save(cache_dir / f"{examples[i].sha256}.npy", arr if arr is not None else np.zeros(()))
+    return out, has
+
+
 def _source(ex: Example) -> tuple[str, str]:
     # An Example made by hand (a path, no root) is a plain file.
     return (ex.root, ex.relpath) if ex.root else (str(ex.path.parent), ex.path.name)
@@ -137,7 +194,7 @@ def invert_head(x, head_level: float = 0.04):
 
 
 def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes: int, gamma: float = 0.0,
-             invert: float = 0.0, augmenting=None):
+             invert: float = 0.0, augmenting=None, twins=None, downsize: float = 0.0):
     """tf.data pipelines: shuffled and augmented for training, plain for validation.
 
     augmenting, a boolean tf.Variable, switches the training augmentation down to left-right flips while it
@@ -147,6 +204,8 @@ def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes
     how grey and white matter, fluid and lesion compare, the cue that tells T1, T2 and CT sources apart.
     invert > 0 is the share of training scans shown as their negative (invert_head), so a tumour is seen in
     both contrasts whatever sequence its source used.
+    twins, (arrays, mask) from downsized_twins, with downsize > 0: that share of the training scans that have
+    a twin are shown as it, so a tumour is also seen with the small sources' resolution and JPEG artefacts.
     """
     import tensorflow as tf
 
@@ -154,8 +213,11 @@ def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes
     flip = aug.get_layer("flip")
     augmenting = tf.constant(True) if augmenting is None else augmenting
 
-    def train_map(x, y):
+    def train_map(x, y, small=None, has_small=None):
         x = tf.cast(x, tf.float32)
+        if small is not None:
+            chosen = tf.logical_and(has_small, tf.random.uniform([tf.shape(x)[0]], seed=seed + 8) < downsize)
+            x = tf.where(chosen[:, None, None, None], tf.cast(small, tf.float32), x)
         x = tf.cond(augmenting, lambda: tf.clip_by_value(aug(x, training=True), 0.0, 1.0),
                     lambda: flip(x, training=True))
         if gamma > 0:
@@ -169,8 +231,12 @@ def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes
     def val_map(x, y):
         return tf.cast(x, tf.float32), tf.one_hot(y, classes)
 
+    if twins is not None and downsize > 0:
+        source = tf.data.Dataset.from_tensor_slices((x_train, y_train, twins[0], twins[1]))
+    else:
+        source = tf.data.Dataset.from_tensor_slices((x_train, y_train))
     train = (
-        tf.data.Dataset.from_tensor_slices((x_train, y_train))
+        source
         .shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True)
         .batch(batch_size, drop_remainder=True)
         .map(train_map, num_parallel_calls=tf.data.AUTOTUNE)

@@ -30,6 +30,8 @@ class TrainConfig:
     gamma: float = 0.0  # > 0: intensity gamma augmentation, log-uniform in [e^-gamma, e^gamma]
     invert: float = 0.0  # share of training scans shown as their head's negative (data.invert_head)
     clean_epochs: int = 0  # the last N epochs see left-right flips only, as served scans look
+    downsize: float = 0.0  # share of large training scans shown as a downsized JPEG copy (data.downsized_twins)
+    init: Path | None = None  # a trained model whose weights this run starts from (fine-tuning)
     ema_momentum: float = 0.998  # about 3.4 epochs of 146 steps; 0 turns the weight average off
     # auto: mixed float16 on GPUs, float32 on CPUs. mixed_bfloat16 trains 1.8x faster per step on a CPU with
     # AMX (this one) but is not the shipped model's recipe (a 48-epoch bf16 run measured 0.9795 against the
@@ -215,6 +217,7 @@ class Prepared:
     y_train: np.ndarray
     x_val: np.ndarray
     y_val: np.ndarray
+    twins: tuple | None = None  # (arrays, mask) of downsized copies of the training scans, with --downsize
 
 
 @dataclass
@@ -235,9 +238,12 @@ def prepare(cfg: TrainConfig, params: dict) -> Prepared:
     t0 = time.time()
     x_train = tdata.cached_arrays(train_ex, params, cfg.cache_dir)
     x_val = tdata.cached_arrays(val_ex, params, cfg.cache_dir)
+    twins = tdata.downsized_twins(train_ex, params, cfg.cache_dir, cfg.seed) if cfg.downsize > 0 else None
     print(f"data: {len(train_ex)} train, {len(val_ex)} validation scans (deduplicated), "
-          f"preprocessed in {time.time() - t0:.0f}s", flush=True)
-    return Prepared(train_ex, val_ex, x_train, tdata.label_indices(train_ex), x_val, tdata.label_indices(val_ex))
+          + (f"{int(twins[1].sum())} with a downsized twin, " if twins else "")
+          + f"preprocessed in {time.time() - t0:.0f}s", flush=True)
+    return Prepared(train_ex, val_ex, x_train, tdata.label_indices(train_ex), x_val, tdata.label_indices(val_ex),
+                    twins)
 
 
 def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy: str, stages,
@@ -262,8 +268,11 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
     batch_size = min(cfg.batch_size, len(data.x_train))  # a tiny data set still makes one batch per epoch
     augmenting = tf.Variable(True, trainable=False)
     train_ds, val_ds = tdata.datasets(data.x_train, data.y_train, data.x_val, data.y_val, batch_size, seed,
-                                      len(CLASSES), gamma=cfg.gamma, invert=cfg.invert, augmenting=augmenting)
+                                      len(CLASSES), gamma=cfg.gamma, invert=cfg.invert, augmenting=augmenting,
+                                      twins=data.twins, downsize=cfg.downsize)
     model = build_model(cfg.size, len(CLASSES), stages=stages)
+    if cfg.init:
+        start_from(model, cfg.init)
     steps = (len(data.x_train) // batch_size) * cfg.epochs
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, steps, warmup_target=cfg.learning_rate, warmup_steps=max(1, steps // 20)
@@ -311,6 +320,29 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
     earlier = sum(row["seconds"] for row in history if row.get("resumed"))
     state_path.write_text(json.dumps({"history": history, "weights": weights, "seconds": earlier + time.time() - t0}))
     return Network(model, seed, history, weights, earlier)
+
+
+def start_from(model, init: Path) -> None:
+    """Load the weights of the trained model at `init` into `model`; ModelError when the two differ in shape."""
+    from vision.errors import ModelError
+    from vision.modelio import load_model
+
+    source = load_model(Path(init)).keras_model
+    shapes = [w.shape for w in model.get_weights()]
+    if [w.shape for w in source.get_weights()] != shapes:
+        raise ModelError(f"{init}: its layers differ from this run's network (same --size and --width, one tower)")
+    model.set_weights(source.get_weights())
+
+
+def init_fields(init: Path | None) -> dict:
+    """What the card says about the model a fine-tuning run started from."""
+    if not init:
+        return {}
+    card = json.loads(Path(init).with_suffix(".json").read_text())
+    return {"init_model": {"model": str(init), "sha256": card.get("sha256"),
+                           "training_command": card.get("training_command"),
+                           "validation_accuracy": card["validation"]["accuracy"],
+                           "wall_time_seconds": card["wall_time_seconds"]}}
 
 
 TOWERS_NOTE = "each tower is a network trained alone; the model's logits are the mean of theirs"
@@ -378,7 +410,10 @@ def train(cfg: TrainConfig) -> dict:
         "wall_time_seconds": round(time.time() - t_start + sum(n.earlier_seconds for n in networks), 1),
         "hardware": hardware,
         "keras_version": keras.__version__,
+        **init_fields(cfg.init),
     }
+    if cfg.init:  # the model it started from is part of this one's training cost
+        card["wall_time_seconds"] = round(card["wall_time_seconds"] + card["init_model"]["wall_time_seconds"], 1)
     return write_outputs(model, out, card)
 
 
