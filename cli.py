@@ -361,13 +361,16 @@ def migrate():
 @click.option("--downsize", default=0.0, show_default=True,
               help="Share of the training scans of 300 px or more shown as a 200-300 px JPEG copy of themselves, "
                    "as the small sources (mostly notumor) look.")
+@click.option("--oversample", default=1, show_default=True,
+              help="Show the scans of a class's rare size group (short side under 300 px or not, under a quarter "
+                   "of the class: the trace of a rare source) this many times per epoch.")
 @click.option("--init", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Start from this trained model's weights (fine-tuning; same --size and --width, one tower).")
 @click.option("--learning-rate", default=2e-3, show_default=True, help="Peak of the warm-up + cosine schedule.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint.")
 @domain_errors
 def train(data, out, epochs, batch_size, size, width, towers, seed, val_fraction, precision, gamma, invert,
-          clean_epochs, downsize, init, learning_rate, resume):
+          clean_epochs, downsize, oversample, init, learning_rate, resume):
     """Train the CNN on the class folders of DATA (a folder or .zip archive); write the model, card and plots.
 
     Example: python cli.py train ../shared/data/brain-tumor-mri/Training --out models/brainscan-v1
@@ -377,7 +380,7 @@ def train(data, out, epochs, batch_size, size, width, towers, seed, val_fraction
 
     cfg = TrainConfig(data, out, epochs=epochs, batch_size=batch_size, size=size, width=width, towers=towers, seed=seed,
                       val_fraction=val_fraction, precision=precision, gamma=gamma, invert=invert,
-                      clean_epochs=clean_epochs, downsize=downsize, init=init, learning_rate=learning_rate,
+                      clean_epochs=clean_epochs, downsize=downsize, oversample=oversample, init=init, learning_rate=learning_rate,
                       resume=resume,
                       command="python " + shlex.join(["cli.py", *sys.argv[1:]]))
     try:

@@ -300,3 +300,25 @@ def test_fine_tuning_refuses_a_model_of_another_width(tiny_model, tmp_path):
     with pytest.raises(ModelError, match="its layers differ from this run's network"):
         train(TrainConfig(EXAMPLES, tmp_path / "wide", epochs=1, size=64, val_fraction=0.25, width=8,
                           init=tiny_model, cache_dir=tmp_path / "cache", command="pytest init"))
+
+
+def test_a_scan_whose_size_group_is_rare_in_its_class_is_repeated():
+    from training.data import rare_source_repeats
+
+    examples = labelled_examples(EXAMPLES)  # meningioma: three scans under 300 px and one of 512 px
+    repeats = rare_source_repeats(examples, factor=3, rare=0.3)
+
+    assert {e.path.name: int(k) for e, k in zip(examples, repeats) if k != 1} == {"Tr-me_1104.jpg": 3}
+
+
+def test_oversampled_epochs_hold_each_scan_as_often_as_it_repeats():
+    from training.train import Prepared
+
+    x = np.arange(3, dtype=np.float32).reshape(3, 1, 1, 1)
+    data = Prepared([], [], x, np.array([0, 1, 2]), x, np.array([0, 1, 2]),
+                    twins=(x + 10, np.array([True, False, True])), repeats=np.array([1, 3, 1]))
+    x_epoch, y_epoch, (small, has) = data.epoch_arrays()
+
+    assert x_epoch.ravel().tolist() == [0, 1, 1, 1, 2]
+    assert y_epoch.tolist() == [0, 1, 1, 1, 2]
+    assert small.ravel().tolist() == [10, 11, 11, 11, 12] and has.tolist() == [True, False, False, False, True]

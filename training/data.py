@@ -152,6 +152,29 @@ def downsized_twins(examples: list[Example], params: dict, cache_dir: Path, seed
     return out, has
 
 
+def short_side(ex: Example) -> int:
+    """The short side in pixels of a scan's stored image (0 where Pillow cannot read it, as for DICOM)."""
+    data, _ = sources.load(*_source(ex))
+    try:
+        return min(Image.open(io.BytesIO(data)).size)
+    except Exception:  # any unreadable header just means "no size": the scan is left out of the small group
+        return 0
+
+
+def rare_source_repeats(examples: list[Example], factor: int, min_side: int = 300, rare: float = 0.25) -> np.ndarray:
+    """How often each training scan is shown per epoch: `factor` times for a scan whose size group (short side
+    below min_side or not, the trace of the source it came from) holds under `rare` of its class, else once."""
+    small = np.array([0 < short_side(e) < min_side for e in examples])
+    labels = np.array([e.label for e in examples])
+    repeats = np.ones(len(examples), dtype=np.int64)
+    for label in set(labels.tolist()):
+        for group in (small, ~small):
+            members = (labels == label) & group
+            if 0 < members.sum() < rare * (labels == label).sum():
+                repeats[members] = factor
+    return repeats
+
+
 def _source(ex: Example) -> tuple[str, str]:
     # An Example made by hand (a path, no root) is a plain file.
     return (ex.root, ex.relpath) if ex.root else (str(ex.path.parent), ex.path.name)

@@ -31,6 +31,7 @@ class TrainConfig:
     invert: float = 0.0  # share of training scans shown as their head's negative (data.invert_head)
     clean_epochs: int = 0  # the last N epochs see left-right flips only, as served scans look
     downsize: float = 0.0  # share of large training scans shown as a downsized JPEG copy (data.downsized_twins)
+    oversample: int = 1  # > 1: scans of their class's rare size group (data.rare_source_repeats) shown that often
     init: Path | None = None  # a trained model whose weights this run starts from (fine-tuning)
     ema_momentum: float = 0.998  # about 3.4 epochs of 146 steps; 0 turns the weight average off
     # auto: mixed float16 on GPUs, float32 on CPUs. mixed_bfloat16 trains 1.8x faster per step on a CPU with
@@ -218,6 +219,15 @@ class Prepared:
     x_val: np.ndarray
     y_val: np.ndarray
     twins: tuple | None = None  # (arrays, mask) of downsized copies of the training scans, with --downsize
+    repeats: np.ndarray | None = None  # times each training scan is shown per epoch, with --oversample
+
+    def epoch_arrays(self) -> tuple:
+        """Training arrays, labels and twins with every scan repeated as often as it is shown per epoch."""
+        if self.repeats is None:
+            return self.x_train, self.y_train, self.twins
+        idx = np.repeat(np.arange(len(self.x_train)), self.repeats)
+        twins = (self.twins[0][idx], self.twins[1][idx]) if self.twins else None
+        return self.x_train[idx], self.y_train[idx], twins
 
 
 @dataclass
@@ -242,8 +252,12 @@ def prepare(cfg: TrainConfig, params: dict) -> Prepared:
     print(f"data: {len(train_ex)} train, {len(val_ex)} validation scans (deduplicated), "
           + (f"{int(twins[1].sum())} with a downsized twin, " if twins else "")
           + f"preprocessed in {time.time() - t0:.0f}s", flush=True)
+    repeats = tdata.rare_source_repeats(train_ex, cfg.oversample) if cfg.oversample > 1 else None
+    if repeats is not None:
+        print(f"oversampling {int((repeats > 1).sum())} scans of their class's rare size group x{cfg.oversample}",
+              flush=True)
     return Prepared(train_ex, val_ex, x_train, tdata.label_indices(train_ex), x_val, tdata.label_indices(val_ex),
-                    twins)
+                    twins, repeats)
 
 
 def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy: str, stages,
@@ -265,15 +279,16 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
     t0 = time.time()
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(seed)
-    batch_size = min(cfg.batch_size, len(data.x_train))  # a tiny data set still makes one batch per epoch
+    x_train, y_train, twins = data.epoch_arrays()
+    batch_size = min(cfg.batch_size, len(x_train))  # a tiny data set still makes one batch per epoch
     augmenting = tf.Variable(True, trainable=False)
-    train_ds, val_ds = tdata.datasets(data.x_train, data.y_train, data.x_val, data.y_val, batch_size, seed,
+    train_ds, val_ds = tdata.datasets(x_train, y_train, data.x_val, data.y_val, batch_size, seed,
                                       len(CLASSES), gamma=cfg.gamma, invert=cfg.invert, augmenting=augmenting,
-                                      twins=data.twins, downsize=cfg.downsize)
+                                      twins=twins, downsize=cfg.downsize)
     model = build_model(cfg.size, len(CLASSES), stages=stages)
     if cfg.init:
         start_from(model, cfg.init)
-    steps = (len(data.x_train) // batch_size) * cfg.epochs
+    steps = (len(x_train) // batch_size) * cfg.epochs
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, steps, warmup_target=cfg.learning_rate, warmup_steps=max(1, steps // 20)
     )
