@@ -380,8 +380,8 @@ def train(data, out, epochs, batch_size, size, width, towers, seed, val_fraction
 
     cfg = TrainConfig(data, out, epochs=epochs, batch_size=batch_size, size=size, width=width, towers=towers, seed=seed,
                       val_fraction=val_fraction, precision=precision, gamma=gamma, invert=invert,
-                      clean_epochs=clean_epochs, downsize=downsize, oversample=oversample, init=init, learning_rate=learning_rate,
-                      resume=resume,
+                      clean_epochs=clean_epochs, downsize=downsize, oversample=oversample, init=init,
+                      learning_rate=learning_rate, resume=resume,
                       command="python " + shlex.join(["cli.py", *sys.argv[1:]]))
     try:
         card = run_training(cfg)

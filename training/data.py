@@ -97,6 +97,11 @@ def cached_arrays(examples: list[Example], params: dict, cache_dir: Path, worker
     return out
 
 
+# The small scans of the data set (mostly notumor) are 200-300 px JPEGs; a large scan is shown as one of them.
+SMALL_SIDES = (200, 301)
+SMALL_QUALITY = (70, 96)
+
+
 def _downsized(args):
     root, relpath, sha256, params, seed, min_side = args
     from vision.decode import decode
@@ -113,11 +118,6 @@ def _downsized(args):
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=quality)
     return prepare_bytes(buffer.getvalue(), params).array
-
-
-# The small scans of the data set (mostly notumor) are 200-300 px JPEGs; a large scan is shown as one of them.
-SMALL_SIDES = (200, 301)
-SMALL_QUALITY = (70, 96)
 
 
 def downsized_twins(examples: list[Example], params: dict, cache_dir: Path, seed: int, min_side: int = 300,
