@@ -72,29 +72,47 @@ def _prepare(args):
     return prepare_bytes(data, params, frame=frame).array
 
 
-def cached_arrays(examples: list[Example], params: dict, cache_dir: Path, workers: int = 2) -> np.ndarray:
-    """Preprocessed arrays for examples, decoded once and cached by content hash and parameters."""
-    # float32, as inference sees them: the cache must not round what the model trains on.
-    key = hashlib.sha256(json.dumps({**params, "dtype": "float32"}, sort_keys=True).encode()).hexdigest()[:12]
-    cache_dir = Path(cache_dir) / f"prep-{key}"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    size = params["size"]
+def _cached_rows(examples: list[Example], folder: Path, size: int, work, extra: tuple,
+                 workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """`work(source + (sha256,) + extra)` for each example, computed once and cached in folder by content hash;
+    returns the arrays and a mask of the examples whose result was not None (their rows stay zero)."""
+    folder.mkdir(parents=True, exist_ok=True)
     out = np.zeros((len(examples), size, size, 1), dtype=np.float32)
+    present = np.zeros(len(examples), dtype=bool)
     todo = []
     for i, ex in enumerate(examples):
-        f = cache_dir / f"{ex.sha256}.npy"
-        if f.exists():
-            out[i] = np.load(f)
-        else:
+        f = folder / f"{ex.sha256}.npy"
+        if not f.exists():
             todo.append(i)
+        elif (arr := np.load(f)).ndim == 3:  # a 0-d array records a None
+            out[i], present[i] = arr, True
     if todo:
         # spawn, not fork: TensorFlow may already be loaded in this process.
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            arrays = pool.map(_prepare, [_source(examples[i]) + (params,) for i in todo], chunksize=32)
-            for i, arr in zip(todo, arrays):
-                out[i] = arr
-                np.save(cache_dir / f"{examples[i].sha256}.npy", arr)
-    return out
+            jobs = [_source(examples[i]) + (examples[i].sha256,) + extra for i in todo]
+            for i, arr in zip(todo, pool.map(work, jobs, chunksize=32)):
+                if arr is not None:
+                    out[i], present[i] = arr, True
+                np.save(folder / f"{examples[i].sha256}.npy", arr if arr is not None else np.zeros(()))
+    return out, present
+
+
+def _cache_folder(cache_dir: Path, prefix: str, params: dict, **extra) -> Path:
+    # float32, as inference sees them: the cache must not round what the model trains on.
+    key = hashlib.sha256(json.dumps({**params, "dtype": "float32", **extra}, sort_keys=True).encode()).hexdigest()
+    return Path(cache_dir) / f"{prefix}-{key[:12]}"
+
+
+def _prepare(args):
+    root, relpath, _, params = args
+    data, frame = sources.load(root, relpath)  # a frame of a multi-frame DICOM object decodes alone
+    return prepare_bytes(data, params, frame=frame).array
+
+
+def cached_arrays(examples: list[Example], params: dict, cache_dir: Path, workers: int = 2) -> np.ndarray:
+    """Preprocessed arrays for examples, decoded once and cached by content hash and parameters."""
+    folder = _cache_folder(cache_dir, "prep", params)
+    return _cached_rows(examples, folder, params["size"], _prepare, (params,), workers)[0]
 
 
 # The small scans of the data set (mostly notumor) are 200-300 px JPEGs; a large scan is shown as one of them.
@@ -125,31 +143,9 @@ def downsized_twins(examples: list[Example], params: dict, cache_dir: Path, seed
     """Each scan with a short side >= min_side preprocessed again from a downsized JPEG copy of itself, as the
     small sources look (short side 200-300 px, quality 70-95, drawn from its hash and seed), and a mask of
     the scans that have one; the others' rows are zero. Cached like cached_arrays."""
-    key = hashlib.sha256(json.dumps({**params, "dtype": "float32", "seed": seed, "min_side": min_side,
-                                     "sides": SMALL_SIDES, "quality": SMALL_QUALITY},
-                                    sort_keys=True).encode()).hexdigest()[:12]
-    cache_dir = Path(cache_dir) / f"small-{key}"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    size = params["size"]
-    out = np.zeros((len(examples), size, size, 1), dtype=np.float32)
-    has = np.zeros(len(examples), dtype=bool)
-    todo = []
-    for i, ex in enumerate(examples):
-        f = cache_dir / f"{ex.sha256}.npy"
-        if f.exists():
-            arr = np.load(f)
-            if arr.ndim == 3:  # a 0-d array marks a scan too small to have a twin
-                out[i], has[i] = arr, True
-        else:
-            todo.append(i)
-    if todo:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            jobs = [_source(examples[i]) + (examples[i].sha256, params, seed, min_side) for i in todo]
-            for i, arr in zip(todo, pool.map(_downsized, jobs, chunksize=32)):
-                if arr is not None:
-                    out[i], has[i] = arr, True
-                np.save(cache_dir / f"{examples[i].sha256}.npy", arr if arr is not None else np.zeros(()))
-    return out, has
+    folder = _cache_folder(cache_dir, "small", params, seed=seed, min_side=min_side, sides=SMALL_SIDES,
+                           quality=SMALL_QUALITY)
+    return _cached_rows(examples, folder, params["size"], _downsized, (params, seed, min_side), workers)
 
 
 def short_side(ex: Example) -> int:
