@@ -352,6 +352,9 @@ def migrate():
               default="auto", show_default=True,
               help="auto: mixed float16 on a GPU, float32 on a CPU (mixed_bfloat16 is ~1.8x faster per step "
                    "on CPUs with AMX). The saved model is float32 either way.")
+@click.option("--equalise", is_flag=True,
+              help="Preprocess with head histogram equalisation instead of the 99.5th-percentile scale "
+                   "(recorded in the card, so the worker does the same).")
 @click.option("--gamma", default=0.0, show_default=True,
               help="Intensity gamma augmentation: each training scan to a power in [e^-gamma, e^gamma].")
 @click.option("--invert", default=0.0, show_default=True,
@@ -369,8 +372,8 @@ def migrate():
 @click.option("--learning-rate", default=2e-3, show_default=True, help="Peak of the warm-up + cosine schedule.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint.")
 @domain_errors
-def train(data, out, epochs, batch_size, size, width, towers, seed, val_fraction, precision, gamma, invert,
-          clean_epochs, downsize, oversample, init, learning_rate, resume):
+def train(data, out, epochs, batch_size, size, width, towers, seed, val_fraction, precision, equalise, gamma,
+          invert, clean_epochs, downsize, oversample, init, learning_rate, resume):
     """Train the CNN on the class folders of DATA (a folder or .zip archive); write the model, card and plots.
 
     Example: python cli.py train ../shared/data/brain-tumor-mri/Training --out models/brainscan-v1
@@ -379,8 +382,8 @@ def train(data, out, epochs, batch_size, size, width, towers, seed, val_fraction
     from training.train import train as run_training
 
     cfg = TrainConfig(data, out, epochs=epochs, batch_size=batch_size, size=size, width=width, towers=towers, seed=seed,
-                      val_fraction=val_fraction, precision=precision, gamma=gamma, invert=invert,
-                      clean_epochs=clean_epochs, downsize=downsize, oversample=oversample, init=init,
+                      val_fraction=val_fraction, precision=precision, equalise=equalise, gamma=gamma,
+                      invert=invert, clean_epochs=clean_epochs, downsize=downsize, oversample=oversample, init=init,
                       learning_rate=learning_rate, resume=resume,
                       command="python " + shlex.join(["cli.py", *sys.argv[1:]]))
     try:

@@ -52,3 +52,18 @@ def test_a_heatmap_returns_to_the_scans_own_grid_where_the_crop_was():
 
     assert out.shape == (80, 200)
     assert out[:, 10:110].min() == 1.0 and out[:, :10].max() == 0 and out[:, 110:].max() == 0
+
+
+def test_equalisation_spreads_the_head_evenly_over_0_to_1_keeping_its_order_and_a_black_background(gray):
+    data = encode(gray)
+    scaled = prepare_bytes(data).array[..., 0]
+    equalised = prepare_bytes(data, dict(DEFAULTS, equalise=True)).array[..., 0]
+    head = equalised > 0
+
+    np.testing.assert_allclose(np.quantile(equalised[head], [0.25, 0.5, 0.75]), [0.25, 0.5, 0.75], atol=0.01)
+    assert equalised.max() == 1.0
+    unclipped = head & (scaled < 1.0)  # the percentile scale clips the brightest 0.5% to ties at 1
+    order = np.argsort(scaled[unclipped], kind="stable")
+    brighter = np.diff(scaled[unclipped][order]) > 0  # float32 division can round neighbours to a tie
+    assert np.all(np.diff(equalised[unclipped][order])[brighter] >= 0)
+    assert equalised[scaled == 0].max() == 0

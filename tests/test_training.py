@@ -322,3 +322,18 @@ def test_oversampled_epochs_hold_each_scan_as_often_as_it_repeats():
     assert x_epoch.ravel().tolist() == [0, 1, 1, 1, 2]
     assert y_epoch.tolist() == [0, 1, 1, 1, 2]
     assert small.ravel().tolist() == [10, 11, 11, 11, 12] and has.tolist() == [True, False, False, False, True]
+
+
+def test_an_equalising_model_records_it_in_its_card_and_the_worker_preprocesses_with_it(tmp_path):
+    from training.train import TrainConfig, train
+    from vision.modelio import load_model
+
+    out = tmp_path / "equalised"
+    card = train(TrainConfig(EXAMPLES, out, epochs=1, size=64, batch_size=8, val_fraction=0.25, width=8,
+                             equalise=True, cache_dir=tmp_path / "cache", command="pytest equalise"))
+    served = load_model(out.with_suffix(".keras")).preprocessing
+    scan = (EXAMPLES / "glioma" / "Tr-gl_0207.jpg").read_bytes()
+
+    assert card["preprocessing"]["equalise"] is True and served == card["preprocessing"]
+    np.testing.assert_array_equal(prepare_bytes(scan, served).array,
+                                  prepare_bytes(scan, dict(DEFAULTS, size=64, equalise=True)).array)

@@ -66,12 +66,6 @@ def split(examples: list[Example], val_fraction: float, seed: int) -> tuple[list
     return sorted(train, key=lambda e: e.sha256), sorted(val, key=lambda e: e.sha256)
 
 
-def _prepare(args):
-    root, relpath, params = args
-    data, frame = sources.load(root, relpath)  # a frame of a multi-frame DICOM object decodes alone
-    return prepare_bytes(data, params, frame=frame).array
-
-
 def _cached_rows(examples: list[Example], folder: Path, size: int, work, extra: tuple,
                  workers: int) -> tuple[np.ndarray, np.ndarray]:
     """`work(source + (sha256,) + extra)` for each example, computed once and cached in folder by content hash;

@@ -28,6 +28,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.05
     gamma: float = 0.0  # > 0: intensity gamma augmentation, log-uniform in [e^-gamma, e^gamma]
+    equalise: bool = False  # head histogram equalisation in the preprocessing (vision.preprocess.equalise_head)
     invert: float = 0.0  # share of training scans shown as their head's negative (data.invert_head)
     clean_epochs: int = 0  # the last N epochs see left-right flips only, as served scans look
     downsize: float = 0.0  # share of large training scans shown as a downsized JPEG copy (data.downsized_twins)
@@ -379,7 +380,7 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.parent / f".{out.name}-training"
-    params = dict(DEFAULTS, size=cfg.size)
+    params = dict(DEFAULTS, size=cfg.size, **({"equalise": True} if cfg.equalise else {}))
     data = prepare(cfg, params)
     train_ex, val_ex, x_val, y_val = data.train_ex, data.val_ex, data.x_val, data.y_val
     stages = cfg.stages or stages_for(cfg.width)

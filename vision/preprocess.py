@@ -20,6 +20,7 @@ DEFAULTS = {
     "min_line_fraction": 0.02,  # a row/column belongs to the head if this share of it is head
     "margin": 0.04,  # the square crop grows by this fraction of its side
     "norm_percentile": 99.5,
+    # "equalise": True (train --equalise) replaces the percentile scale with equalise_head; absent means off.
     # JPEGs decode at reduced scale while both sides stay >= draft_factor x size: 4x less decoding
     # for a 512 px scan, and the head crop still has ~1.4 source pixels per model pixel.
     "draft_factor": 1.5,
@@ -72,10 +73,26 @@ def prepare_gray(gray: np.ndarray, params: dict = DEFAULTS) -> Prepared:
     # Pillow's crop pads with zeros outside the image, which is what squaring needs.
     crop = Image.fromarray(gray.astype(np.float32), mode="F").crop(box)
     arr = np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
-    head = arr[arr > params["head_threshold"] * max(float(arr.max()), 1e-6)]
-    scale = float(np.percentile(head, params["norm_percentile"])) if head.size else 1.0
-    arr = np.clip(arr / max(scale, 1e-6), 0.0, 1.0)
+    head = arr > params["head_threshold"] * max(float(arr.max()), 1e-6)
+    if params.get("equalise"):
+        arr = equalise_head(arr, head)
+    else:
+        scale = float(np.percentile(arr[head], params["norm_percentile"])) if head.any() else 1.0
+        arr = np.clip(arr / max(scale, 1e-6), 0.0, 1.0)
     return Prepared(arr[..., None].astype(np.float32), box, w, h)
+
+
+def equalise_head(arr: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """Each head pixel replaced by the share of head pixels at or below it; the background becomes 0.
+
+    A rank transform gives every scan the same intensity histogram over its head, whatever the scanner,
+    sequence or JPEG export made of it: CT, T1 and T2 keep their anatomy but lose their brightness profile.
+    """
+    values = arr[head]
+    out = np.zeros_like(arr, dtype=np.float32)
+    if values.size:
+        out[head] = np.searchsorted(np.sort(values), values, side="right") / values.size
+    return out
 
 
 def prepare_bytes(data: bytes, params: dict = DEFAULTS, frame: int | None = None) -> Prepared:
