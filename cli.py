@@ -367,13 +367,16 @@ def migrate():
 @click.option("--oversample", default=1, show_default=True,
               help="Show the scans of a class's rare size group (short side under 300 px or not, under a quarter "
                    "of the class: the trace of a rare source) this many times per epoch.")
+@click.option("--balance", default=1, show_default=True,
+              help="Cluster the training scans by head intensity histogram (a proxy for T1, T2, FLAIR, CT) and "
+                   "repeat each class's rare clusters up to this many times per epoch.")
 @click.option("--init", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Start from this trained model's weights (fine-tuning; same --size and --width, one tower).")
 @click.option("--learning-rate", default=2e-3, show_default=True, help="Peak of the warm-up + cosine schedule.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint.")
 @domain_errors
 def train(data, out, epochs, batch_size, size, width, towers, seed, val_fraction, precision, equalise, gamma,
-          invert, clean_epochs, downsize, oversample, init, learning_rate, resume):
+          invert, clean_epochs, downsize, oversample, balance, init, learning_rate, resume):
     """Train the CNN on the class folders of DATA (a folder or .zip archive); write the model, card and plots.
 
     Example: python cli.py train ../shared/data/brain-tumor-mri/Training --out models/brainscan-v1
@@ -383,8 +386,8 @@ def train(data, out, epochs, batch_size, size, width, towers, seed, val_fraction
 
     cfg = TrainConfig(data, out, epochs=epochs, batch_size=batch_size, size=size, width=width, towers=towers, seed=seed,
                       val_fraction=val_fraction, precision=precision, equalise=equalise, gamma=gamma,
-                      invert=invert, clean_epochs=clean_epochs, downsize=downsize, oversample=oversample, init=init,
-                      learning_rate=learning_rate, resume=resume,
+                      invert=invert, clean_epochs=clean_epochs, downsize=downsize, oversample=oversample,
+                      balance=balance, init=init, learning_rate=learning_rate, resume=resume,
                       command="python " + shlex.join(["cli.py", *sys.argv[1:]]))
     try:
         card = run_training(cfg)

@@ -337,3 +337,25 @@ def test_an_equalising_model_records_it_in_its_card_and_the_worker_preprocesses_
     assert card["preprocessing"]["equalise"] is True and served == card["preprocessing"]
     np.testing.assert_array_equal(prepare_bytes(scan, served).array,
                                   prepare_bytes(scan, dict(DEFAULTS, size=64, equalise=True)).array)
+
+
+def test_each_rare_intensity_group_of_a_class_is_repeated_to_about_the_weight_of_its_classs_mean_group():
+    from training.data import balanced_repeats
+
+    labels = np.array([0] * 8 + [1] * 4)
+    groups = np.array([0] * 6 + [1] * 2 + [0, 0, 1, 1])
+
+    assert balanced_repeats(labels, groups, cap=5).tolist() == [1] * 6 + [2] * 2 + [1] * 4
+    assert balanced_repeats(labels, groups, cap=1).tolist() == [1] * 12
+
+
+def test_intensity_groups_are_fixed_by_the_seed_and_a_mirror_image_joins_its_scans_group(tmp_path):
+    from training.data import intensity_groups
+
+    x = cached_arrays(labelled_examples(EXAMPLES), DEFAULTS, tmp_path)
+    with_mirrors = np.concatenate([x, x[:, :, ::-1]])
+    groups = intensity_groups(with_mirrors, groups=3, seed=1)
+
+    assert groups.tolist() == intensity_groups(with_mirrors, groups=3, seed=1).tolist()
+    assert groups[:len(x)].tolist() == groups[len(x):].tolist()
+    assert len(set(groups.tolist())) == 3

@@ -165,6 +165,37 @@ def rare_source_repeats(examples: list[Example], factor: int, min_side: int = 30
     return repeats
 
 
+INTENSITY_GROUPS = 6  # k-means clusters of head histograms; at 6 the T2-like cluster holds 275 notumor, 1 glioma
+
+
+def intensity_groups(x: np.ndarray, groups: int = INTENSITY_GROUPS, seed: int = 0, head_level: float = 0.04,
+                     bins: int = 16) -> np.ndarray:
+    """Cluster scans by the intensity histogram of their head (k-means), a label-free proxy for the sequence
+    or scanner (T1, T2, FLAIR, CT) a scan came from; x are percentile-scaled preprocessed arrays."""
+    from sklearn.cluster import KMeans
+
+    def histogram(scan):
+        values = scan[scan > head_level]
+        counts, _ = np.histogram(values, bins=bins, range=(head_level, 1.0))
+        return counts / max(1, counts.sum())
+
+    features = np.array([histogram(scan) for scan in x])
+    return KMeans(groups, n_init=10, random_state=seed).fit_predict(features)
+
+
+def balanced_repeats(labels: np.ndarray, groups: np.ndarray, cap: int) -> np.ndarray:
+    """How often each scan is shown per epoch so that each (class, group) cell weighs about as much as its
+    class's mean cell: the cell's inverse share, rounded, between 1 and cap."""
+    repeats = np.ones(len(labels), dtype=np.int64)
+    for label in np.unique(labels):
+        in_class = labels == label
+        cells = [in_class & (groups == g) for g in np.unique(groups[in_class])]
+        mean = in_class.sum() / len(cells)
+        for members in cells:
+            repeats[members] = int(np.clip(round(mean / members.sum()), 1, cap))
+    return repeats
+
+
 def _source(ex: Example) -> tuple[str, str]:
     # An Example made by hand (a path, no root) is a plain file.
     return (ex.root, ex.relpath) if ex.root else (str(ex.path.parent), ex.path.name)

@@ -33,6 +33,7 @@ class TrainConfig:
     clean_epochs: int = 0  # the last N epochs see left-right flips only, as served scans look
     downsize: float = 0.0  # share of large training scans shown as a downsized JPEG copy (data.downsized_twins)
     oversample: int = 1  # > 1: scans of their class's rare size group (data.rare_source_repeats) shown that often
+    balance: int = 1  # > 1: rare intensity groups within a class repeated up to that often (data.balanced_repeats)
     init: Path | None = None  # a trained model whose weights this run starts from (fine-tuning)
     ema_momentum: float = 0.998  # about 3.4 epochs of 146 steps; 0 turns the weight average off
     # auto: mixed float16 on GPUs, float32 on CPUs. mixed_bfloat16 trains 1.8x faster per step on a CPU with
@@ -257,8 +258,25 @@ def prepare(cfg: TrainConfig, params: dict) -> Prepared:
     if repeats is not None:
         print(f"oversampling {int((repeats > 1).sum())} scans of their class's rare size group x{cfg.oversample}",
               flush=True)
+    if cfg.balance > 1:
+        repeats = (repeats if repeats is not None else 1) * intensity_repeats(cfg, train_ex, x_train, params)
     return Prepared(train_ex, val_ex, x_train, tdata.label_indices(train_ex), x_val, tdata.label_indices(val_ex),
                     twins, repeats)
+
+
+def intensity_repeats(cfg: TrainConfig, train_ex: list, x_train: np.ndarray, params: dict) -> np.ndarray:
+    """data.balanced_repeats over intensity groups of the percentile-scaled scans (equalised ones all share one
+    histogram), printed as a class x group table."""
+    scaled = x_train if not params.get("equalise") else tdata.cached_arrays(
+        train_ex, {k: v for k, v in params.items() if k != "equalise"}, cfg.cache_dir)
+    labels = tdata.label_indices(train_ex)
+    groups = tdata.intensity_groups(scaled, seed=cfg.seed)
+    repeats = tdata.balanced_repeats(labels, groups, cfg.balance)
+    for c, name in enumerate(CLASSES):
+        cells = [(labels == c) & (groups == g) for g in range(tdata.INTENSITY_GROUPS)]
+        shown = " ".join(f"{int(m.sum())}x{int(repeats[m].max(initial=0))}" for m in cells)
+        print(f"intensity groups (scans x repeats), {name}: {shown}", flush=True)
+    return repeats
 
 
 def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy: str, stages,
