@@ -165,7 +165,9 @@ def rare_source_repeats(examples: list[Example], factor: int, min_side: int = 30
     return repeats
 
 
-INTENSITY_GROUPS = 6  # k-means clusters of head histograms; at 6 the T2-like cluster holds 275 notumor, 1 glioma
+# k-means clusters of head histograms; at 6 (seed 1337) the T2-like cluster holds 255 notumor, 35 pituitary,
+# 13 meningioma and 1 glioma training scans.
+INTENSITY_GROUPS = 6
 
 
 def intensity_groups(x: np.ndarray, groups: int = INTENSITY_GROUPS, seed: int = 0, head_level: float = 0.04,

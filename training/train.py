@@ -221,7 +221,7 @@ class Prepared:
     x_val: np.ndarray
     y_val: np.ndarray
     twins: tuple | None = None  # (arrays, mask) of downsized copies of the training scans, with --downsize
-    repeats: np.ndarray | None = None  # times each training scan is shown per epoch, with --oversample
+    repeats: np.ndarray | None = None  # times each training scan is shown per epoch, with --oversample/--balance
 
     def epoch_arrays(self) -> tuple:
         """Training arrays, labels and twins with every scan repeated as often as it is shown per epoch."""
@@ -254,22 +254,22 @@ def prepare(cfg: TrainConfig, params: dict) -> Prepared:
     print(f"data: {len(train_ex)} train, {len(val_ex)} validation scans (deduplicated), "
           + (f"{int(twins[1].sum())} with a downsized twin, " if twins else "")
           + f"preprocessed in {time.time() - t0:.0f}s", flush=True)
+    y_train = tdata.label_indices(train_ex)
     repeats = tdata.rare_source_repeats(train_ex, cfg.oversample) if cfg.oversample > 1 else None
     if repeats is not None:
         print(f"oversampling {int((repeats > 1).sum())} scans of their class's rare size group x{cfg.oversample}",
               flush=True)
     if cfg.balance > 1:
-        repeats = (repeats if repeats is not None else 1) * intensity_repeats(cfg, train_ex, x_train, params)
-    return Prepared(train_ex, val_ex, x_train, tdata.label_indices(train_ex), x_val, tdata.label_indices(val_ex),
-                    twins, repeats)
+        repeats = (repeats if repeats is not None else 1) * intensity_repeats(cfg, train_ex, x_train, y_train, params)
+    return Prepared(train_ex, val_ex, x_train, y_train, x_val, tdata.label_indices(val_ex), twins, repeats)
 
 
-def intensity_repeats(cfg: TrainConfig, train_ex: list, x_train: np.ndarray, params: dict) -> np.ndarray:
+def intensity_repeats(cfg: TrainConfig, train_ex: list, x_train: np.ndarray, labels: np.ndarray,
+                      params: dict) -> np.ndarray:
     """data.balanced_repeats over intensity groups of the percentile-scaled scans (equalised ones all share one
     histogram), printed as a class x group table."""
     scaled = x_train if not params.get("equalise") else tdata.cached_arrays(
         train_ex, {k: v for k, v in params.items() if k != "equalise"}, cfg.cache_dir)
-    labels = tdata.label_indices(train_ex)
     groups = tdata.intensity_groups(scaled, seed=cfg.seed)
     repeats = tdata.balanced_repeats(labels, groups, cfg.balance)
     for c, name in enumerate(CLASSES):
