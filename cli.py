@@ -359,6 +359,9 @@ def migrate():
               help="Intensity gamma augmentation: each training scan to a power in [e^-gamma, e^gamma].")
 @click.option("--invert", default=0.0, show_default=True,
               help="Share of training scans shown as the negative of the head (T1-like fluid turns T2-like).")
+@click.option("--gin", default=0.0, show_default=True,
+              help="Share of training scans passed through a random shallow conv net and blended with "
+                   "themselves (GIN): new contrasts, so no class is tied to its sources' sequence.")
 @click.option("--clean-epochs", default=0, show_default=True,
               help="The last N epochs augment with left-right flips only, so training ends on scans as served.")
 @click.option("--downsize", default=0.0, show_default=True,
@@ -376,7 +379,7 @@ def migrate():
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint.")
 @domain_errors
 def train(data, out, epochs, batch_size, size, width, towers, seed, val_fraction, precision, equalise, gamma,
-          invert, clean_epochs, downsize, oversample, balance, init, learning_rate, resume):
+          invert, gin, clean_epochs, downsize, oversample, balance, init, learning_rate, resume):
     """Train the CNN on the class folders of DATA (a folder or .zip archive); write the model, card and plots.
 
     Example: python cli.py train ../shared/data/brain-tumor-mri/Training --out models/brainscan-v1
@@ -386,7 +389,7 @@ def train(data, out, epochs, batch_size, size, width, towers, seed, val_fraction
 
     cfg = TrainConfig(data, out, epochs=epochs, batch_size=batch_size, size=size, width=width, towers=towers, seed=seed,
                       val_fraction=val_fraction, precision=precision, equalise=equalise, gamma=gamma,
-                      invert=invert, clean_epochs=clean_epochs, downsize=downsize, oversample=oversample,
+                      invert=invert, gin=gin, clean_epochs=clean_epochs, downsize=downsize, oversample=oversample,
                       balance=balance, init=init, learning_rate=learning_rate, resume=resume,
                       command="python " + shlex.join(["cli.py", *sys.argv[1:]]))
     try:

@@ -359,3 +359,33 @@ def test_intensity_groups_are_fixed_by_the_seed_and_a_mirror_image_joins_its_sca
     assert groups.tolist() == intensity_groups(with_mirrors, groups=3, seed=1).tolist()
     assert groups[:len(x)].tolist() == groups[len(x):].tolist()
     assert len(set(groups.tolist())) == 3
+
+
+def _example_scans(n: int) -> np.ndarray:
+    files = sorted(EXAMPLES.glob("*/*.jpg"))[:n]
+    return np.stack([prepare_bytes(f.read_bytes()).array for f in files])
+
+
+def test_a_random_contrast_stays_in_the_unit_range_and_leaves_the_background_black():
+    import tensorflow as tf
+
+    from training.data import random_contrast
+
+    x = _example_scans(4)
+    y = random_contrast(tf.constant(x), seed=3).numpy()
+    # Far from any head pixel (9 px) the background cannot be part of the closed head mask.
+    near_head = tf.nn.max_pool2d(tf.cast(x > 0.04, tf.float32), 19, 1, "SAME").numpy() > 0
+
+    assert y.shape == x.shape and y.min() >= 0.0 and y.max() <= 1.0
+    assert np.all(y[~near_head] == 0.0)
+
+
+def test_a_random_contrast_is_drawn_for_each_scan_of_a_batch():
+    import tensorflow as tf
+
+    from training.data import random_contrast
+
+    same = np.repeat(_example_scans(1), 4, axis=0)
+    y = random_contrast(tf.constant(same), seed=3).numpy()
+
+    assert all(not np.allclose(y[i], y[j]) for i in range(4) for j in range(i + 1, 4))

@@ -239,8 +239,45 @@ def invert_head(x, head_level: float = 0.04):
     return head * (1.0 - x)
 
 
+def random_contrast(x, seed: int, layers: int = 4, channels: int = 2, head_level: float = 0.04):
+    """Each scan through its own random shallow conv net, blended with itself: a new contrast, same anatomy.
+
+    Global intensity non-linear augmentation (GIN, Ouyang et al., IEEE TMI 2022): 3x3 or 1x1 convolutions with
+    weights and shifts drawn from N(0, 1) per scan, leaky ReLU between them. The result, scaled to [0, 1] over
+    the head, is mixed with the scan by a weight drawn from U(0, 1), and the background is kept black so the crop
+    cues stay as they were. A tumour thus appears in contrasts (T2-like, CT-like, inverted) that its class's
+    sources never used. Batched as patches times per-scan kernels: TensorFlow has no grouped conv on CPUs.
+    """
+    import tensorflow as tf
+
+    n = tf.shape(x)[0]
+    # Opened first so that specks of JPEG noise in the background do not become grey squares.
+    head = tf.cast(x > head_level, x.dtype)
+    head = tf.nn.max_pool2d(-tf.nn.max_pool2d(-head, 5, 1, "SAME"), 5, 1, "SAME")
+    head = -tf.nn.max_pool2d(-tf.nn.max_pool2d(head, 9, 1, "SAME"), 9, 1, "SAME")
+    y = x
+    for i in range(layers):
+        c_in, c_out = (1 if i == 0 else channels), (1 if i == layers - 1 else channels)
+        patches = tf.image.extract_patches(y, [1, 3, 3, 1], [1, 1, 1, 1], [1, 1, 1, 1], "SAME")
+        kernel = tf.random.normal([n, 3, 3, c_in, c_out], seed=seed + 20 + i)
+        # Half the layers, drawn per scan, keep only the centre tap: a pure intensity map, no texture.
+        centre_only = tf.cast(tf.random.uniform([n, 1, 1, 1, 1], seed=seed + 30 + i) < 0.5, x.dtype)
+        centre = tf.reshape(tf.one_hot(4, 9, dtype=x.dtype), [1, 3, 3, 1, 1])
+        kernel = kernel * (centre_only * centre + (1.0 - centre_only))
+        y = tf.einsum("bhwk,bko->bhwo", patches, tf.reshape(kernel, [n, 9 * c_in, c_out]))
+        y = y + tf.random.normal([n, 1, 1, c_out], seed=seed + 40 + i)
+        if i < layers - 1:
+            y = tf.nn.leaky_relu(y, 0.01)
+    big = 1e9
+    low = tf.reduce_min(y * head + big * (1.0 - head), axis=[1, 2, 3], keepdims=True)
+    high = tf.reduce_max(y * head - big * (1.0 - head), axis=[1, 2, 3], keepdims=True)
+    y = (y - low) / tf.maximum(high - low, 1e-6)
+    alpha = tf.random.uniform([n, 1, 1, 1], seed=seed + 50)
+    return head * tf.clip_by_value(alpha * y + (1.0 - alpha) * x, 0.0, 1.0)
+
+
 def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes: int, gamma: float = 0.0,
-             invert: float = 0.0, augmenting=None, twins=None, downsize: float = 0.0):
+             invert: float = 0.0, augmenting=None, twins=None, downsize: float = 0.0, gin: float = 0.0):
     """tf.data pipelines: shuffled and augmented for training, plain for validation.
 
     augmenting, a boolean tf.Variable, switches the training augmentation down to left-right flips while it
@@ -250,6 +287,7 @@ def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes
     how grey and white matter, fluid and lesion compare, the cue that tells T1, T2 and CT sources apart.
     invert > 0 is the share of training scans shown as their negative (invert_head), so a tumour is seen in
     both contrasts whatever sequence its source used.
+    gin > 0 is the share of training scans given a random contrast (random_contrast).
     twins, (arrays, mask) from downsized_twins, with downsize > 0: that share of the training scans that have
     a twin are shown as it, so a tumour is also seen with the small sources' resolution and JPEG artefacts.
     """
@@ -272,6 +310,9 @@ def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes
         if invert > 0:
             chosen = tf.cast(tf.random.uniform([tf.shape(x)[0], 1, 1, 1], seed=seed + 7) < invert, x.dtype)
             x = chosen * invert_head(x) + (1.0 - chosen) * x
+        if gin > 0:
+            chosen = tf.cast(tf.random.uniform([tf.shape(x)[0], 1, 1, 1], seed=seed + 9) < gin, x.dtype)
+            x = chosen * random_contrast(x, seed) + (1.0 - chosen) * x
         return x, tf.one_hot(y, classes)
 
     def val_map(x, y):

@@ -30,6 +30,7 @@ class TrainConfig:
     gamma: float = 0.0  # > 0: intensity gamma augmentation, log-uniform in [e^-gamma, e^gamma]
     equalise: bool = False  # head histogram equalisation in the preprocessing (vision.preprocess.equalise_head)
     invert: float = 0.0  # share of training scans shown as their head's negative (data.invert_head)
+    gin: float = 0.0  # share of training scans given a random contrast (data.random_contrast)
     clean_epochs: int = 0  # the last N epochs see left-right flips only, as served scans look
     downsize: float = 0.0  # share of large training scans shown as a downsized JPEG copy (data.downsized_twins)
     oversample: int = 1  # > 1: scans of their class's rare size group (data.rare_source_repeats) shown that often
@@ -303,7 +304,7 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
     augmenting = tf.Variable(True, trainable=False)
     train_ds, val_ds = tdata.datasets(x_train, y_train, data.x_val, data.y_val, batch_size, seed,
                                       len(CLASSES), gamma=cfg.gamma, invert=cfg.invert, augmenting=augmenting,
-                                      twins=twins, downsize=cfg.downsize)
+                                      twins=twins, downsize=cfg.downsize, gin=cfg.gin)
     model = build_model(cfg.size, len(CLASSES), stages=stages)
     if cfg.init:
         start_from(model, cfg.init)
