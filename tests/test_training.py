@@ -389,3 +389,15 @@ def test_a_random_contrast_is_drawn_for_each_scan_of_a_batch():
     y = random_contrast(tf.constant(same), seed=3).numpy()
 
     assert all(not np.allclose(y[i], y[j]) for i in range(4) for j in range(i + 1, 4))
+
+
+def test_a_grouped_convolution_convolves_each_scan_with_its_own_kernel():
+    import tensorflow as tf
+
+    from training.data import grouped_conv
+
+    rng = np.random.default_rng(0)
+    x, kernel = rng.normal(size=(3, 12, 10, 2)).astype(np.float32), rng.normal(size=(3, 3, 3, 2, 4)).astype(np.float32)
+    one_at_a_time = [tf.nn.conv2d(x[i:i + 1], kernel[i], 1, "SAME").numpy()[0] for i in range(3)]
+
+    np.testing.assert_allclose(grouped_conv(tf.constant(x), tf.constant(kernel)).numpy(), one_at_a_time, atol=1e-5)

@@ -239,6 +239,23 @@ def invert_head(x, head_level: float = 0.04):
     return head * (1.0 - x)
 
 
+def grouped_conv(x, kernel):
+    """Each scan of x (n, h, w, c_in) convolved ('SAME') with its own kernel (n, k, k, c_in, c_out).
+
+    TensorFlow has no grouped convolution on CPUs, so the scans become the channels of one image and a
+    depthwise convolution (one filter bank per channel) does the work; the c_in partial maps are then summed.
+    """
+    import tensorflow as tf
+
+    n, h, w, c_in = tf.unstack(tf.shape(x))
+    k, c_out = kernel.shape[1], kernel.shape[4]
+    stacked = tf.reshape(tf.transpose(x, [1, 2, 0, 3]), [1, h, w, n * c_in])
+    filters = tf.reshape(tf.transpose(kernel, [1, 2, 0, 3, 4]), [k, k, n * c_in, c_out])
+    out = tf.nn.depthwise_conv2d(stacked, filters, [1, 1, 1, 1], "SAME")  # channel (scan, c_in, c_out)
+    out = tf.reduce_sum(tf.reshape(out, [h, w, n, c_in, c_out]), axis=3)
+    return tf.transpose(out, [2, 0, 1, 3])
+
+
 def random_contrast(x, seed: int, layers: int = 4, channels: int = 2, head_level: float = 0.04):
     """Each scan through its own random shallow conv net, blended with itself: a new contrast, same anatomy.
 
@@ -246,7 +263,7 @@ def random_contrast(x, seed: int, layers: int = 4, channels: int = 2, head_level
     weights and shifts drawn from N(0, 1) per scan, leaky ReLU between them. The result, scaled to [0, 1] over
     the head, is mixed with the scan by a weight drawn from U(0, 1), and the background is kept black so the crop
     cues stay as they were. A tumour thus appears in contrasts (T2-like, CT-like, inverted) that its class's
-    sources never used. Batched as patches times per-scan kernels: TensorFlow has no grouped conv on CPUs.
+    sources never used.
     """
     import tensorflow as tf
 
@@ -258,13 +275,12 @@ def random_contrast(x, seed: int, layers: int = 4, channels: int = 2, head_level
     y = x
     for i in range(layers):
         c_in, c_out = (1 if i == 0 else channels), (1 if i == layers - 1 else channels)
-        patches = tf.image.extract_patches(y, [1, 3, 3, 1], [1, 1, 1, 1], [1, 1, 1, 1], "SAME")
         kernel = tf.random.normal([n, 3, 3, c_in, c_out], seed=seed + 20 + i)
         # Half the layers, drawn per scan, keep only the centre tap: a pure intensity map, no texture.
         centre_only = tf.cast(tf.random.uniform([n, 1, 1, 1, 1], seed=seed + 30 + i) < 0.5, x.dtype)
         centre = tf.reshape(tf.one_hot(4, 9, dtype=x.dtype), [1, 3, 3, 1, 1])
         kernel = kernel * (centre_only * centre + (1.0 - centre_only))
-        y = tf.einsum("bhwk,bko->bhwo", patches, tf.reshape(kernel, [n, 9 * c_in, c_out]))
+        y = grouped_conv(y, kernel)
         y = y + tf.random.normal([n, 1, 1, c_out], seed=seed + 40 + i)
         if i < layers - 1:
             y = tf.nn.leaky_relu(y, 0.01)
