@@ -19,8 +19,8 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
-from pydicom.uid import (BasicTextSRStorage, ExplicitVRLittleEndian, JPEGLossless, MRImageStorage, RLELossless,
-                         generate_uid)
+from pydicom.uid import (HTJ2K, BasicTextSRStorage, ExplicitVRLittleEndian, JPEGLossless, JPEGLosslessSV1,
+                         JPEGLSLossless, MPEG2MPML, MRImageStorage, RLELossless, generate_uid)
 
 from jobs.labels import UID_KEY, LabelError
 from jobs.scanning import list_scans
@@ -78,6 +78,30 @@ def dicom(arr: np.ndarray, bits: int = 8, *, photometric: str = "MONOCHROME2", c
     return buf.getvalue()
 
 
+def transcoded(data: bytes, syntax: str) -> bytes:
+    """The DICOM file re-encoded by GDCM in a syntax pydicom cannot encode (JPEG Lossless, JPEG-LS)."""
+    import tempfile
+
+    import gdcm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.dcm", Path(tmp) / "out.dcm"
+        src.write_bytes(data)
+        reader = gdcm.ImageReader()
+        reader.SetFileName(str(src))
+        assert reader.Read()
+        change = gdcm.ImageChangeTransferSyntax()
+        change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+        change.SetInput(reader.GetImage())
+        assert change.Change()
+        writer = gdcm.ImageWriter()
+        writer.SetFileName(str(dst))
+        writer.SetFile(reader.GetFile())
+        writer.SetImage(change.GetOutput())
+        assert writer.Write()
+        return dst.read_bytes()
+
+
 def windowed12(x: np.ndarray, **attrs) -> bytes:
     """12-bit stored values v = 16x + 8, rescaled to 4x - 98, with the window mapping that back onto x / 255."""
     return dicom(x.astype(np.uint16) * 16 + 8, 12, RescaleSlope=0.25, RescaleIntercept=-100,
@@ -93,6 +117,10 @@ CASES = {
                                                           RescaleIntercept=-1000), "pituitary/pi_0956.dcm", False),
     "MONOCHROME1": ("Tr-no_1015", lambda x: dicom(255 - x, photometric="MONOCHROME1"), "notumor/no_1015.dcm", True),
     "RLE Lossless": ("Tr-pi_0975", lambda x: windowed12(x, compress=RLELossless), "pituitary/pi_0975.dcm", True),
+    "JPEG Lossless": ("Tr-me_0185", lambda x: transcoded(windowed12(x), "JPEGLosslessProcess14_1"),
+                      "meningioma/me_0185.dcm", True),
+    "JPEG-LS Lossless": ("Tr-pi_0995", lambda x: transcoded(windowed12(x), "JPEGLSLossless"),
+                         "pituitary/pi_0995.dcm", True),
 }
 MULTI_FRAME = ("Tr-gl_0553", "Tr-gl_0560", "Tr-gl_0830")  # same size: frames of one object
 
@@ -156,21 +184,43 @@ def test_enhanced_objects_take_rescale_and_window_from_their_functional_groups()
     np.testing.assert_allclose(decode(data, frame=2), np.clip(x2 / 127.5, 0, 1), atol=1e-3)
 
 
-def test_a_compressed_syntax_without_a_permissive_handler_fails_naming_it():
-    ds_bytes = dicom(pixels("Tr-gl_0207"))
+def _relabelled(data: bytes, syntax: str) -> bytes:
+    """The same object claiming another transfer syntax, with a stand-in encapsulated frame."""
     from pydicom import dcmread
 
-    ds = dcmread(io.BytesIO(ds_bytes))
-    ds.file_meta.TransferSyntaxUID = JPEGLossless  # pydicom's JPEG Lossless handlers are GPL or not installed
+    ds = dcmread(io.BytesIO(data))
+    ds.file_meta.TransferSyntaxUID = syntax
     ds.PixelData = encapsulate([b"\xff\xd8\xff\xc3" + bytes(64) + b"\xff\xd9"])
     ds["PixelData"].VR = "OB"
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_a_transfer_syntax_pydicom_has_no_decoder_for_fails_naming_it():
+    with pytest.raises(ScanError) as caught:
+        decode(_relabelled(dicom(pixels("Tr-gl_0207")), MPEG2MPML))
+    assert str(caught.value) == f"DICOM transfer syntax MPEG2 Main Profile / Main Level ({MPEG2MPML}) is not supported"
+
+
+def test_a_compressed_syntax_without_a_permissive_handler_fails_naming_it(monkeypatch):
+    monkeypatch.setattr("vision.dicom.PLUGINS", ("pillow",))  # as on an install without GDCM
 
     with pytest.raises(ScanError) as caught:
-        decode(buf.getvalue())
+        decode(_relabelled(dicom(pixels("Tr-gl_0207")), JPEGLossless))
     assert str(caught.value).startswith("DICOM transfer syntax JPEG Lossless")
     assert JPEGLossless in str(caught.value) and "no permissively licensed handler" in str(caught.value)
+
+
+@pytest.mark.parametrize("syntax, plugin", [(RLELossless, "pydicom"), (JPEGLosslessSV1, "gdcm"),
+                                            (JPEGLSLossless, "gdcm"), (HTJ2K, "pylibjpeg")])
+def test_each_compressed_syntax_decodes_with_its_permissively_licensed_plugin(syntax, plugin):
+    from pydicom import dcmread
+
+    from vision.dicom import _plugin
+
+    ds = dcmread(io.BytesIO(_relabelled(dicom(pixels("Tr-gl_0207")), syntax)))
+    assert _plugin(ds) == plugin
 
 
 def test_objects_without_pixel_data_and_broken_files_fail_or_are_refused_with_a_reason():
@@ -342,11 +392,12 @@ DICOM_REASONS = ("corrupt DICOM", "DICOM ", "decompression bomb: ", "not an imag
 def _fuzz_seeds() -> list[bytes]:
     x = pixels("Tr-no_1379")  # small: 173 x 201
     return [dicom(x), windowed12(x), windowed12(np.stack([x, x[::-1]]), compress=RLELossless),
+            transcoded(windowed12(x), "JPEGLosslessProcess14_1"), transcoded(dicom(x), "JPEGLSLossless"),
             dicom(255 - x, photometric="MONOCHROME1"), dicom(None, sop_class=BasicTextSRStorage, Modality="SR")]
 
 
 @settings(max_examples=150, deadline=None)
-@given(seed=st.sampled_from(range(5)), edits=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)),
+@given(seed=st.sampled_from(range(7)), edits=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)),
                                                       max_size=8),
        cut=st.one_of(st.none(), st.integers(132, 1 << 20)), frame=st.sampled_from([None, 1, 2]))
 def test_mutated_dicom_files_decode_sanely_or_fail_with_a_scan_error(seed, edits, cut, frame):

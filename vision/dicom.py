@@ -5,10 +5,12 @@ slope and intercept) turns stored values into real-world values, the VOI window 
 reader looks at, MONOCHROME1 is inverted. Training and inference both reach this module only
 through vision.decode.decode_sized, so a 12- or 16-bit scan is scaled to [0, 1] one way only.
 
-Compressed pixel data decodes with the handlers pydicom finds installed. The project relies only
-on permissively licensed ones: pydicom's own (RLE Lossless, deflate; MIT) and Pillow (JPEG
-baseline, JPEG 2000; MIT-CMU). pylibjpeg-libjpeg (JPEG Lossless, JPEG-LS) wraps GPL-3 libjpeg
-and must not be added; a transfer syntax without a handler fails with a reason naming it.
+Compressed pixel data decodes with permissively licensed handlers only: pydicom's own (RLE
+Lossless, deflate; MIT), Pillow (JPEG baseline and extended, JPEG 2000; MIT-CMU), GDCM (JPEG
+Lossless, JPEG-LS; BSD) and pylibjpeg-openjpeg (HTJ2K; MIT, OpenJPEG BSD-2). pylibjpeg-libjpeg
+wraps GPL-3 libjpeg and must not be added. Each syntax is decoded by the first of PLUGINS that can,
+so adding GDCM did not change how the JPEG baseline or JPEG 2000 scans already served decode.
+A transfer syntax without a handler fails with a reason naming it.
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ import numpy as np
 
 from vision.errors import ScanError
 
+# Preference order of pydicom's decoding plugins: Pillow first (what served scans always used), GDCM
+# last, only for the syntaxes nothing else here decodes.
+PLUGINS = ("pydicom", "pillow", "pylibjpeg", "gdcm")
 PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # Used when the file carries no window: the robust range of the frame's own values.
 LOW_PERCENTILE, HIGH_PERCENTILE = 0.5, 99.5
@@ -118,26 +123,30 @@ def _decode(data: bytes, frame: int | None, max_pixels: int) -> np.ndarray:
     index = (frame or 1) - 1
     if not 0 <= index < frames:
         raise ScanError(f"DICOM frame {frame} does not exist: the object has {frames} frame(s)")
-    _require_decoder(ds)
+    plugin = _plugin(ds)
     # index= decodes that one frame only, not the whole multi-frame object.
-    arr = pixel_array(ds, index=index if frames > 1 else None)
+    arr = pixel_array(ds, index=index if frames > 1 else None, decoding_plugin=plugin)
     return _to_gray(arr, ds, index)
 
 
-def _require_decoder(ds) -> None:
-    """Fail a compressed object whose transfer syntax has no installed handler, naming the syntax."""
+def _plugin(ds) -> str:
+    """The decoding plugin for the object's transfer syntax ('' when uncompressed); ScanError if none is installed."""
     from pydicom.pixels import get_decoder
 
     uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if uid is None:
-        return  # no file meta: pydicom read it as uncompressed little endian
+        return ""  # no file meta: pydicom read it as uncompressed little endian
     try:
         decoder = get_decoder(uid)
     except NotImplementedError:
         raise ScanError(f"DICOM transfer syntax {uid.name} ({uid}) is not supported") from None
-    if not decoder.is_available:
+    if not decoder.is_encapsulated:
+        return ""
+    available = [name for name in PLUGINS if name in decoder.available_plugins]
+    if not available:
         raise ScanError(f"DICOM transfer syntax {uid.name} ({uid}) cannot be decoded: "
                         "no permissively licensed handler for it is installed")
+    return available[0]
 
 
 def _group_value(ds, index: int, sequence: str, keyword: str):
