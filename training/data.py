@@ -226,17 +226,22 @@ def augmenter(seed: int):
     )
 
 
-def invert_head(x, head_level: float = 0.04):
-    """Negative of the head, background kept black: T1 fluid turns bright like T2 fluid, and T2 like T1.
-
-    The head is every pixel above head_level, closed by a 9x9 max/min pool so that dark fluid, bone and
-    sinuses inside it are inverted too rather than left as holes.
-    """
+def head_mask(x, head_level: float = 0.04, opening: int = 0):
+    """1 on the head, 0 on the background: pixels above head_level, closed by a 9x9 max/min pool so that dark
+    fluid, bone and sinuses inside the head belong to it; opened first by an `opening` pool when > 0, so that
+    specks of JPEG noise in the background are dropped."""
     import tensorflow as tf
 
     head = tf.cast(x > head_level, x.dtype)
-    head = -tf.nn.max_pool2d(-tf.nn.max_pool2d(head, 9, 1, "SAME"), 9, 1, "SAME")
-    return head * (1.0 - x)
+    if opening:
+        head = tf.nn.max_pool2d(-tf.nn.max_pool2d(-head, opening, 1, "SAME"), opening, 1, "SAME")
+    return -tf.nn.max_pool2d(-tf.nn.max_pool2d(head, 9, 1, "SAME"), 9, 1, "SAME")
+
+
+def invert_head(x, head_level: float = 0.04):
+    """Negative of the head (head_mask), background kept black: T1 fluid turns bright like T2 fluid, and T2
+    like T1; fluid, bone and sinuses inside the head are inverted too rather than left as holes."""
+    return head_mask(x, head_level) * (1.0 - x)
 
 
 def grouped_conv(x, kernel):
@@ -268,10 +273,8 @@ def random_contrast(x, seed: int, layers: int = 4, channels: int = 2, head_level
     import tensorflow as tf
 
     n = tf.shape(x)[0]
-    # Opened first so that specks of JPEG noise in the background do not become grey squares.
-    head = tf.cast(x > head_level, x.dtype)
-    head = tf.nn.max_pool2d(-tf.nn.max_pool2d(-head, 5, 1, "SAME"), 5, 1, "SAME")
-    head = -tf.nn.max_pool2d(-tf.nn.max_pool2d(head, 9, 1, "SAME"), 9, 1, "SAME")
+    # Opened, or specks of background noise would be rescaled into grey squares.
+    head = head_mask(x, head_level, opening=5)
     y = x
     for i in range(layers):
         c_in, c_out = (1 if i == 0 else channels), (1 if i == layers - 1 else channels)
@@ -290,6 +293,14 @@ def random_contrast(x, seed: int, layers: int = 4, channels: int = 2, head_level
     y = (y - low) / tf.maximum(high - low, 1e-6)
     alpha = tf.random.uniform([n, 1, 1, 1], seed=seed + 50)
     return head * tf.clip_by_value(alpha * y + (1.0 - alpha) * x, 0.0, 1.0)
+
+
+def some_of(x, share: float, changed, seed: int):
+    """A share of the scans of batch x, drawn at random, replaced by their rows in changed."""
+    import tensorflow as tf
+
+    chosen = tf.cast(tf.random.uniform([tf.shape(x)[0], 1, 1, 1], seed=seed) < share, x.dtype)
+    return chosen * changed + (1.0 - chosen) * x
 
 
 def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes: int, gamma: float = 0.0,
@@ -324,11 +335,9 @@ def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes
             power = tf.exp(tf.random.uniform([tf.shape(x)[0], 1, 1, 1], -gamma, gamma, seed=seed + 6))
             x = tf.pow(x, power)
         if invert > 0:
-            chosen = tf.cast(tf.random.uniform([tf.shape(x)[0], 1, 1, 1], seed=seed + 7) < invert, x.dtype)
-            x = chosen * invert_head(x) + (1.0 - chosen) * x
+            x = some_of(x, invert, invert_head(x), seed + 7)
         if gin > 0:
-            chosen = tf.cast(tf.random.uniform([tf.shape(x)[0], 1, 1, 1], seed=seed + 9) < gin, x.dtype)
-            x = chosen * random_contrast(x, seed) + (1.0 - chosen) * x
+            x = some_of(x, gin, random_contrast(x, seed), seed + 9)
         return x, tf.one_hot(y, classes)
 
     def val_map(x, y):
