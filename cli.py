@@ -343,6 +343,9 @@ def migrate():
 @click.option("--size", default=160, show_default=True, help="Input side in pixels.")
 @click.option("--width", default=24, show_default=True,
               help="Filters of the first conv stage; each later stage doubles them.")
+@click.option("--dilate", is_flag=True,
+              help="Dilate the last stage's convs (2 and 3): its units see 110 of 160 px instead of 62, "
+                   "at the same weights and FLOPs.")
 @click.option("--towers", default=1, show_default=True,
               help="Networks trained one after another (seeds SEED, SEED+1, ...) and served as one model "
                    "whose logits are their mean.")
@@ -378,7 +381,7 @@ def migrate():
 @click.option("--learning-rate", default=2e-3, show_default=True, help="Peak of the warm-up + cosine schedule.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint.")
 @domain_errors
-def train(data, out, epochs, batch_size, size, width, towers, seed, val_fraction, precision, equalise, gamma,
+def train(data, out, epochs, batch_size, size, width, dilate, towers, seed, val_fraction, precision, equalise, gamma,
           invert, gin, clean_epochs, downsize, oversample, balance, init, learning_rate, resume):
     """Train the CNN on the class folders of DATA (a folder or .zip archive); write the model, card and plots.
 
@@ -387,7 +390,8 @@ def train(data, out, epochs, batch_size, size, width, towers, seed, val_fraction
     from training.train import TrainConfig
     from training.train import train as run_training
 
-    cfg = TrainConfig(data, out, epochs=epochs, batch_size=batch_size, size=size, width=width, towers=towers, seed=seed,
+    cfg = TrainConfig(data, out, epochs=epochs, batch_size=batch_size, size=size, width=width, dilate=dilate,
+                      towers=towers, seed=seed,
                       val_fraction=val_fraction, precision=precision, equalise=equalise, gamma=gamma,
                       invert=invert, gin=gin, clean_epochs=clean_epochs, downsize=downsize, oversample=oversample,
                       balance=balance, init=init, learning_rate=learning_rate, resume=resume,

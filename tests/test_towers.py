@@ -10,12 +10,12 @@ from tests.conftest import EXAMPLES
 STAGES = stages_for(8)
 
 
-def random_network(seed: int):
-    """A random-weight 64 px net whose batch-norm statistics and head are random too, so that each maps."""
+def random_network(seed: int, stages=STAGES, size: int = 64):
+    """A random-weight net whose batch-norm statistics and head are random too, so that each maps."""
     import keras
 
     keras.utils.set_random_seed(seed)
-    model = build_model(64, 4, stages=STAGES)
+    model = build_model(size, 4, stages=stages)
     rng = np.random.default_rng(seed)
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -58,6 +58,38 @@ def test_a_multi_tower_model_merges_as_its_towers_so_every_network_weighs_the_sa
 
     assert len(three.get_layer(GRADCAM_LAYER).input) == 3
     np.testing.assert_allclose(out, (logits[0] + logits[1] + logits3) / 3, rtol=1e-4, atol=1e-4)
+
+
+def test_a_dilated_network_merges_with_a_plain_one_as_the_mean_of_their_logits(towers):
+    import keras
+
+    networks, _, scans, logits = towers
+    dilated = random_network(4, stages_for(8, dilate=True))
+    dilated_logits = keras.Model(dilated.inputs, dilated.get_layer("logits").output)(scans).numpy()
+    both = merge_towers([networks[0], dilated], 64, [STAGES, stages_for(8, dilate=True)])
+    out = keras.Model(both.inputs, both.get_layer("logits").output)(scans).numpy()
+
+    assert [both.get_layer(f"t{k}_features_conv").dilation_rate for k in (0, 1)] == [(1, 1), (3, 3)]
+    np.testing.assert_allclose(out, (logits[0] + dilated_logits) / 2, rtol=1e-4, atol=1e-4)
+
+
+def test_a_dilated_grad_cam_unit_sees_the_scan_40_px_away_where_a_plain_one_does_not():
+    import keras
+
+    rng = np.random.default_rng(0)
+    scan = rng.uniform(size=(1, 128, 128, 1)).astype(np.float32)
+    far = scan.copy()
+    ring = np.ones((128, 128), bool)
+    ring[24:104, 24:104] = False  # every pixel more than 40 px from the centre in x or y
+    far[0, ring, 0] = rng.uniform(size=ring.sum())
+    centre = {}
+    for dilate in (False, True):
+        net = random_network(5, stages_for(8, dilate=dilate), size=128)
+        features = keras.Model(net.inputs, net.get_layer(GRADCAM_LAYER).output)
+        centre[dilate] = [features(x).numpy()[0, 8, 8] for x in (scan, far)]
+
+    np.testing.assert_array_equal(centre[False][0], centre[False][1])
+    assert np.abs(centre[True][0] - centre[True][1]).max() > 1e-3
 
 
 def test_the_merged_grad_cam_layer_concatenates_both_towers_on_the_same_grid(towers):
@@ -145,3 +177,30 @@ def test_models_trained_on_different_splits_are_not_merged(two_tiny_models, tmp_
     assert result.output == (f"Error: {other} and {one} differ in train_sha256: only models trained on the same "
                              "split with the same preprocessing can be merged\n")
     assert not (tmp_path / "m.keras").exists()
+
+
+def test_a_dilated_model_merges_with_a_plain_one_and_the_card_lists_each_towers_stages(two_tiny_models, tmp_path):
+    from training.merge import merge
+    from training.train import TrainConfig, train
+    from vision.modelio import load_model
+
+    dilated = train(TrainConfig(EXAMPLES, tmp_path / "dilated", epochs=1, size=64, batch_size=8, val_fraction=0.25,
+                                width=8, dilate=True, cache_dir=tmp_path / "cache", command="pytest dilated"))
+    card = merge([two_tiny_models["one"], tmp_path / "dilated.keras"], tmp_path / "both", command="pytest both")
+    model = load_model(tmp_path / "both.keras").keras_model
+
+    assert dilated["config"]["stages"] == ((8, 1), (16, 1), (32, 2), (64, 2, (2, 3)))
+    assert card["tower_stages"] == [stages_for(8), stages_for(8, dilate=True)]
+    assert [model.get_layer(f"t{k}_features_conv").dilation_rate for k in (0, 1)] == [(1, 1), (3, 3)]
+
+
+def test_models_of_different_widths_are_not_merged(two_tiny_models, tmp_path):
+    from training.merge import merge
+    from training.train import TrainConfig, train
+    from vision.errors import ModelError
+
+    train(TrainConfig(EXAMPLES, tmp_path / "wide", epochs=1, size=64, batch_size=8, val_fraction=0.25, width=16,
+                      cache_dir=tmp_path / "cache", command="pytest wide"))
+
+    with pytest.raises(ModelError, match="have different conv stages"):
+        merge([two_tiny_models["one"], tmp_path / "wide.keras"], tmp_path / "m")

@@ -12,28 +12,40 @@ GRADCAM_LAYER = "gradcam_features"
 # max-pool. The last stage stays at 1/8 of the input (20x20 at 160 px) so Grad-CAM has a usable grid.
 SHAPE = ((1, 1), (2, 1), (4, 2), (8, 2))
 WIDTH = 24
+# --dilate: the last stage's two convs at dilation 2 and 3 (co-prime, so no gridding). Same weights and FLOPs,
+# but a unit of the Grad-CAM layer sees 110 px of the 160 px head instead of 62 px: the whole head's anatomy
+# (plane, midline, ventricles) rather than a local patch.
+DILATIONS = (2, 3)
 
 
-def stages_for(width: int = WIDTH) -> tuple:
-    """The (filters, convs) of each stage for a base width (the first stage's filters)."""
-    return tuple((width * m, convs) for m, convs in SHAPE)
+def stages_for(width: int = WIDTH, dilate: bool = False) -> tuple:
+    """The (filters, convs[, dilations]) of each stage for a base width (the first stage's filters)."""
+    stages = [(width * m, convs) for m, convs in SHAPE]
+    if dilate:
+        stages[-1] = (*stages[-1], DILATIONS)
+    return tuple(stages)
+
+
+def as_stages(stages) -> tuple:
+    """Stages as nested tuples, as a card's JSON lists come back."""
+    return tuple(tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in stage) for stage in stages)
 
 
 STAGES = stages_for(WIDTH)
 
 
-def conv_block(x, filters: int, name: str):
-    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
+def conv_block(x, filters: int, name: str, dilation: int = 1):
+    x = layers.Conv2D(filters, 3, padding="same", dilation_rate=dilation, use_bias=False, name=f"{name}_conv")(x)
     x = layers.BatchNormalization(name=f"{name}_bn")(x)
     return layers.ReLU(name=name)(x)
 
 
 def conv_stack(x, stages, prefix: str = "", last: str = GRADCAM_LAYER):
     """The conv blocks of one network; its last block is named `last`, the others `{prefix}s{stage}c{conv}`."""
-    for s, (filters, convs) in enumerate(stages):
+    for s, (filters, convs, *dilations) in enumerate(stages):
         for c in range(convs):
             final = s == len(stages) - 1 and c == convs - 1
-            x = conv_block(x, filters, last if final else f"{prefix}s{s}c{c}")
+            x = conv_block(x, filters, last if final else f"{prefix}s{s}c{c}", dilations[0][c] if dilations else 1)
         if s < len(stages) - 1:
             x = layers.MaxPooling2D(2, name=f"{prefix}s{s}_pool")(x)
     return x
@@ -44,18 +56,25 @@ def tower_layer_name(name: str, tower: int) -> str:
     return f"t{tower}_" + name.replace(GRADCAM_LAYER, "features")
 
 
+def per_tower(stages, towers: int) -> list:
+    """One stages tuple per tower: `stages` itself when it is already a list of them, else it repeated."""
+    return list(stages) if isinstance(stages, list) else [stages] * towers
+
+
 def build_model(input_size: int = 128, classes: int = 4, stages=STAGES, dropout: float = 0.3,
                 towers: int = 1) -> keras.Model:
     """Build the CNN; the last conv block is `gradcam_features`, the class scores `logits`.
 
     With towers > 1, that many conv stacks read the scan side by side and `gradcam_features` concatenates
-    their last blocks, so one dense head (and one Grad-CAM pass) reads them all.
+    their last blocks, so one dense head (and one Grad-CAM pass) reads them all; `stages` may then be a list
+    with each tower's own stages.
     """
     inputs = keras.Input((input_size, input_size, 1), name="scan")
     if towers == 1:
         x = conv_stack(inputs, stages)
     else:
-        stacks = [conv_stack(inputs, stages, f"t{k}_", tower_layer_name(GRADCAM_LAYER, k)) for k in range(towers)]
+        stacks = [conv_stack(inputs, own, f"t{k}_", tower_layer_name(GRADCAM_LAYER, k))
+                  for k, own in enumerate(per_tower(stages, towers))]
         x = layers.Concatenate(name=GRADCAM_LAYER)(stacks)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
@@ -77,16 +96,20 @@ def merge_towers(models: list, input_size: int, stages) -> keras.Model:
     (kernels stacked and divided by k, biases averaged), so the ensemble keeps one named logits layer and
     its Grad-CAM map is the mean of the networks' weighted feature maps. A model that already has k towers
     joins as k networks: tower i's logits are k times its rows of the head, plus the head's bias, whose
-    mean over the towers is that model's logits.
+    mean over the towers is that model's logits. `stages` is every tower's, or a list with one per tower (towers
+    may differ in dilation, not in their layers' names or their last stage's filters).
     """
     import numpy as np
 
     classes = models[0].get_layer("logits").units
     counts = [towers_of(model) for model in models]
-    merged = build_model(input_size, classes, stages, towers=sum(counts))
-    reference = build_model(input_size, classes, stages)
+    own = per_tower(stages, sum(counts))
+    if len({s[-1][0] for s in own}) > 1 or len({len(s) for s in own}) > 1:
+        raise ValueError("towers to merge must have the same stages and last-stage filters")
+    merged = build_model(input_size, classes, own, towers=sum(counts))
+    reference = build_model(input_size, classes, own[0])
     names = [layer.name for layer in reference.layers if isinstance(layer, (layers.Conv2D, layers.BatchNormalization))]
-    features = stages[-1][0]
+    features = own[0][-1][0]
     kernels, bias, j = [], 0.0, 0
     for model, k in zip(models, counts):
         kernel, model_bias = model.get_layer("logits").get_weights()

@@ -13,11 +13,25 @@ SHARED = ("classes", "input_size", "preprocessing", "train_sha256", "validation_
 
 
 def stages_of(card: dict) -> tuple:
-    """The (filters, convs) stages a card's network was built with (cards before --width used width 24)."""
-    from training.architecture import stages_for
+    """The (filters, convs[, dilations]) stages a card's network was built with (cards before --width used 24)."""
+    from training.architecture import as_stages, stages_for
 
     config = card.get("config", {})
-    return tuple(map(tuple, config["stages"])) if config.get("stages") else stages_for(config.get("width", 24))
+    return as_stages(config["stages"]) if config.get("stages") else stages_for(config.get("width", 24))
+
+
+def tower_stages(card: dict) -> list:
+    """The stages of each of a card's towers (a merged card lists them; a trained one has one kind)."""
+    from training.architecture import as_stages
+
+    if card.get("tower_stages"):
+        return [as_stages(stages) for stages in card["tower_stages"]]
+    return [stages_of(card)] * card.get("towers", 1)
+
+
+def layout(stages) -> tuple:
+    """What towers must share to be merged: their layers, filters and convs; dilation may differ."""
+    return tuple(stage[:2] for stage in stages)
 
 
 def check_mergeable(cards: list[dict], names: list[str]) -> None:
@@ -28,7 +42,7 @@ def check_mergeable(cards: list[dict], names: list[str]) -> None:
                 raise ModelError(f"{name} and {names[0]} differ in {key}: only models trained on the same split "
                                  "with the same preprocessing can be merged")
     for card, name in zip(cards, names):
-        if stages_of(card) != stages_of(cards[0]):
+        if {layout(s) for s in tower_stages(card)} != {layout(stages_of(cards[0]))}:
             raise ModelError(f"{name} and {names[0]} have different conv stages")
 
 
@@ -69,7 +83,8 @@ def merge(model_paths: list[Path], out: Path, data_root: Path | None = None, cac
     val_ex = validation_examples(first, data_root or Path(first["config"]["data_root"]))
     x_val = tdata.cached_arrays(val_ex, first["preprocessing"], cache_dir)
     keras.mixed_precision.set_global_policy("float32")
-    model = merge_towers([m.keras_model for m in loaded], first["input_size"], stages_of(first))
+    stages = [s for c in cards for s in tower_stages(c)]
+    model = merge_towers([m.keras_model for m in loaded], first["input_size"], stages)
     probs = model.predict(x_val, batch_size=128, verbose=0)
     classes = first["classes"]
     val_metrics = classification_metrics([e.label for e in val_ex], [classes[i] for i in probs.argmax(axis=1)],
@@ -93,6 +108,7 @@ def merge(model_paths: list[Path], out: Path, data_root: Path | None = None, cac
         "history": tower_history([t["history"] for t in towers]),
         "validation": val_metrics,
         "towers": len(towers),
+        "tower_stages": stages,
         "sources": sources,
         "weights": {"towers": [dict(t["weights"], seed=t["seed"]) for t in towers], "note": TOWERS_NOTE},
         "training_precision": sorted({str(c.get("training_precision")) for c in cards}),

@@ -46,6 +46,7 @@ class TrainConfig:
     seed: int = 1337
     size: int = DEFAULTS["size"]
     width: int = 24  # filters of the first stage; later stages double it (architecture.stages_for)
+    dilate: bool = False  # the last stage's convs dilated (architecture.DILATIONS): a head-wide receptive field
     towers: int = 1  # > 1: that many networks trained one after another (seeds seed, seed+1, ...) and merged
     resume: bool = False
     command: str = ""
@@ -403,7 +404,7 @@ def train(cfg: TrainConfig) -> dict:
     params = dict(DEFAULTS, size=cfg.size, **({"equalise": True} if cfg.equalise else {}))
     data = prepare(cfg, params)
     train_ex, val_ex, x_val, y_val = data.train_ex, data.val_ex, data.x_val, data.y_val
-    stages = cfg.stages or stages_for(cfg.width)
+    stages = cfg.stages or stages_for(cfg.width, cfg.dilate)
 
     networks = []
     for k in range(cfg.towers):
@@ -434,7 +435,8 @@ def train(cfg: TrainConfig) -> dict:
         **model_fields(model),
         "training_command": cfg.command,
         "seed": cfg.seed,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items() if k != "command"},
+        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items() if k != "command"},
+                   "stages": stages},
         "train_sha256": [e.sha256 for e in train_ex],
         "validation_sha256": [e.sha256 for e in val_ex],
         "history": history,
