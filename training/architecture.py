@@ -103,9 +103,7 @@ def merge_towers(models: list, input_size: int, stages) -> keras.Model:
 
     classes = models[0].get_layer("logits").units
     counts = [towers_of(model) for model in models]
-    own = per_tower(stages, sum(counts))
-    if len({s[-1][0] for s in own}) > 1 or len({len(s) for s in own}) > 1:
-        raise ValueError("towers to merge must have the same stages and last-stage filters")
+    own = per_tower(stages, sum(counts))  # training.merge.check_mergeable has checked that their layouts agree
     merged = build_model(input_size, classes, own, towers=sum(counts))
     reference = build_model(input_size, classes, own[0])
     names = [layer.name for layer in reference.layers if isinstance(layer, (layers.Conv2D, layers.BatchNormalization))]
