@@ -7,6 +7,6 @@ import os
 
 # TensorFlow turns its oneDNN kernels on by default only on CPUs with AVX-512 VNNI/BF16 or AMX; on an
 # AVX2-only AMD EPYC they are off, and turning them on made the shipped model's forward + Grad-CAM
-# 1.4x faster (92.9 against 66.2 scans/s, bench/model.py). Set here, before anything imports TensorFlow;
-# TF_ENABLE_ONEDNN_OPTS=0 in the environment still turns them off.
+# 1.4x faster (86.3 against 61.1 scans/s at batch 64, bench/model.py). Set here, before anything imports
+# TensorFlow; TF_ENABLE_ONEDNN_OPTS=0 in the environment still turns them off.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
