@@ -703,12 +703,13 @@ class Soak:
         scans_multi = sum(1 for r in scans if r.status == "done" and per_content.get(r.sha256, 0) > 1)
         rss = []
         for slot in self.slots:
-            # Per pool process: "warm" is its first sample 20 s after it appeared (model loaded, first
-            # batches done), "last" its last sample. The worker's start is the warm RSS of its first pool
-            # process that lived that long, its end the last sample of its last pool process.
+            # Per pool process: "warm" is its peak between 20 and 40 s after it appeared (model loaded, first
+            # batches done; a peak because RSS swings by 200 MB between batches as buffers are freed and a
+            # single sample could land in a dip), "last" its last sample. The worker's start is the warm RSS
+            # of its first pool process that lived 20 s, its end the last sample of its last pool process.
             lived = {}
             for pid, seq in slot.samples.items():
-                warm = next((v for t, v in seq if t - seq[0][0] >= 20), None)
+                warm = max((v for t, v in seq if 20 <= t - seq[0][0] <= 40), default=None)
                 lived[pid] = {"warm_mb": warm, "last_mb": seq[-1][1], "max_mb": max(v for _, v in seq),
                               "lived_s": round(seq[-1][0] - seq[0][0], 1),
                               "every_fifth_mb": [seq[min(len(seq) - 1, len(seq) * k // 5)][1] for k in range(6)]}
