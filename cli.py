@@ -349,7 +349,9 @@ def migrate():
 @click.option("--towers", default=1, show_default=True,
               help="Networks trained one after another (seeds SEED, SEED+1, ...) and served as one model "
                    "whose logits are their mean.")
-@click.option("--seed", default=1337, show_default=True)
+@click.option("--seed", default=1337, show_default=True, help="Seed of the weights' init and the augmentation.")
+@click.option("--split-seed", type=int,
+              help="Seed of the validation split (default: --seed): other --seed values on one split compare fairly.")
 @click.option("--val-fraction", default=0.15, show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "float32", "mixed_bfloat16", "mixed_float16"]),
               default="auto", show_default=True,
@@ -381,7 +383,7 @@ def migrate():
 @click.option("--learning-rate", default=2e-3, show_default=True, help="Peak of the warm-up + cosine schedule.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint.")
 @domain_errors
-def train(data, out, epochs, batch_size, size, width, dilate, towers, seed, val_fraction, precision, equalise, gamma,
+def train(data, out, epochs, batch_size, size, width, dilate, towers, seed, split_seed, val_fraction, precision, equalise, gamma,
           invert, gin, clean_epochs, downsize, oversample, balance, init, learning_rate, resume):
     """Train the CNN on the class folders of DATA (a folder or .zip archive); write the model, card and plots.
 
@@ -391,7 +393,7 @@ def train(data, out, epochs, batch_size, size, width, dilate, towers, seed, val_
     from training.train import train as run_training
 
     cfg = TrainConfig(data, out, epochs=epochs, batch_size=batch_size, size=size, width=width, dilate=dilate,
-                      towers=towers, seed=seed,
+                      towers=towers, seed=seed, split_seed=split_seed,
                       val_fraction=val_fraction, precision=precision, equalise=equalise, gamma=gamma,
                       invert=invert, gin=gin, clean_epochs=clean_epochs, downsize=downsize, oversample=oversample,
                       balance=balance, init=init, learning_rate=learning_rate, resume=resume,

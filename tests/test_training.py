@@ -38,6 +38,19 @@ def test_the_split_is_deterministic_for_a_seed_and_never_shares_a_hash(folder_wi
     assert [e.sha256 for e in val_c] != [e.sha256 for e in val_a]
 
 
+def test_the_split_seed_fixes_the_split_whatever_the_training_seed(tmp_path):
+    from training.train import TrainConfig, prepare, split_seed
+
+    params = dict(DEFAULTS, size=64)
+    runs = [TrainConfig(EXAMPLES, tmp_path / "m", seed=seed, split_seed=7, val_fraction=0.25, cache_dir=tmp_path)
+            for seed in (7, 8)]
+    _, val_by_seed_8 = split(labelled_examples(EXAMPLES), 0.25, seed=8)
+
+    assert [e.sha256 for e in prepare(runs[0], params).val_ex] == [e.sha256 for e in prepare(runs[1], params).val_ex]
+    assert [e.sha256 for e in prepare(runs[1], params).val_ex] != [e.sha256 for e in val_by_seed_8]
+    assert split_seed(TrainConfig(EXAMPLES, tmp_path / "m", seed=8)) == 8
+
+
 def test_training_cache_holds_exactly_the_inference_arrays(tmp_path):
     examples = labelled_examples(EXAMPLES)
     cached = cached_arrays(examples, DEFAULTS, tmp_path)
@@ -57,6 +70,7 @@ def test_tiny_training_writes_model_card_and_plots(tiny_model):
     assert len(card["train_sha256"]) + len(card["validation_sha256"]) == 16
     assert set(card["train_sha256"]).isdisjoint(card["validation_sha256"])
     assert len(card["history"]) == 1 and card["training_command"] == "pytest tiny model"
+    assert card["split_seed"] == card["seed"]
     assert (tiny_model.parent / "tiny-curves.png").stat().st_size > 0
     assert (tiny_model.parent / "tiny-confusion.png").stat().st_size > 0
 

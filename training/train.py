@@ -44,6 +44,8 @@ class TrainConfig:
     precision: str = "auto"
     val_fraction: float = 0.15
     seed: int = 1337
+    # None: the split follows `seed`. Set it to train other inits on one split, so runs score on the same scans.
+    split_seed: int | None = None
     size: int = DEFAULTS["size"]
     width: int = 24  # filters of the first stage; later stages double it (architecture.stages_for)
     dilate: bool = False  # the last stage's convs dilated (architecture.DILATIONS): a head-wide receptive field
@@ -246,10 +248,15 @@ class Network:
     earlier_seconds: float = 0.0  # training time spent by earlier processes that --resume continues
 
 
+def split_seed(cfg: TrainConfig) -> int:
+    """The seed that picks the validation split: --split-seed, else --seed."""
+    return cfg.seed if cfg.split_seed is None else cfg.split_seed
+
+
 def prepare(cfg: TrainConfig, params: dict) -> Prepared:
-    """Deduplicate, split by cfg.seed and load the cached arrays."""
+    """Deduplicate, split by the split seed and load the cached arrays."""
     examples = tdata.labelled_examples(Path(cfg.data_root))
-    train_ex, val_ex = tdata.split(examples, cfg.val_fraction, cfg.seed)
+    train_ex, val_ex = tdata.split(examples, cfg.val_fraction, split_seed(cfg))
     t0 = time.time()
     x_train = tdata.cached_arrays(train_ex, params, cfg.cache_dir)
     x_val = tdata.cached_arrays(val_ex, params, cfg.cache_dir)
@@ -435,6 +442,7 @@ def train(cfg: TrainConfig) -> dict:
         **model_fields(model),
         "training_command": cfg.command,
         "seed": cfg.seed,
+        "split_seed": split_seed(cfg),
         "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items() if k != "command"},
                    "stages": stages},
         "train_sha256": [e.sha256 for e in train_ex],
