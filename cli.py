@@ -383,8 +383,8 @@ def migrate():
 @click.option("--learning-rate", default=2e-3, show_default=True, help="Peak of the warm-up + cosine schedule.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint.")
 @domain_errors
-def train(data, out, epochs, batch_size, size, width, dilate, towers, seed, split_seed, val_fraction, precision, equalise, gamma,
-          invert, gin, clean_epochs, downsize, oversample, balance, init, learning_rate, resume):
+def train(data, out, epochs, batch_size, size, width, dilate, towers, seed, split_seed, val_fraction, precision,
+          equalise, gamma, invert, gin, clean_epochs, downsize, oversample, balance, init, learning_rate, resume):
     """Train the CNN on the class folders of DATA (a folder or .zip archive); write the model, card and plots.
 
     Example: python cli.py train ../shared/data/brain-tumor-mri/Training --out models/brainscan-v1
