@@ -341,7 +341,7 @@ def migrate():
 @click.option("--epochs", default=36, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--size", default=160, show_default=True, help="Input side in pixels.")
-@click.option("--width", default=24, show_default=True,
+@click.option("--width", default=32, show_default=True,
               help="Filters of the first conv stage; each later stage doubles them.")
 @click.option("--dilate", is_flag=True,
               help="Dilate the last stage's convs (2 and 3): its units see 110 of 160 px instead of 62, "

@@ -39,15 +39,15 @@ class TrainConfig:
     ema_momentum: float = 0.998  # about 3.4 epochs of 146 steps; 0 turns the weight average off
     # auto: mixed float16 on GPUs, float32 on CPUs. mixed_bfloat16 trains 1.8x faster per step on a CPU with
     # AMX (the Intel machine of earlier sessions) and 1.3x on an AMD EPYC with AVX512-BF16 (1.25 against 1.67 s
-    # per step of 32, measured with a training run sharing the cores), but is not the shipped model's recipe
-    # (a 48-epoch bf16 run measured 0.9795 against the shipped 36-epoch float32 run's 0.9807).
+    # per step of 32, measured with a training run sharing the cores). The shipped width-32 model was trained in
+    # it (README); auto stays float32 on CPUs because CPUs without AMX or AVX512-BF16 gain nothing.
     precision: str = "auto"
     val_fraction: float = 0.15
     seed: int = 1337
     # None: the split follows `seed`. Set it to train other inits on one split, so runs score on the same scans.
     split_seed: int | None = None
     size: int = DEFAULTS["size"]
-    width: int = 24  # filters of the first stage; later stages double it (architecture.stages_for)
+    width: int = 32  # filters of the first stage (architecture.WIDTH); later stages double it
     dilate: bool = False  # the last stage's convs dilated (architecture.DILATIONS): a head-wide receptive field
     towers: int = 1  # > 1: that many networks trained one after another (seeds seed, seed+1, ...) and merged
     resume: bool = False
