@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from config import load_settings
+from training import defaults as train_defaults
 
 
 def domain_errors(fn):
@@ -338,10 +339,10 @@ def migrate():
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=Path("models/brainscan-v1"), show_default=True,
               help="Output stem: writes OUT.keras, OUT.json, OUT-curves.png, OUT-confusion.png.")
-@click.option("--epochs", default=36, show_default=True)
-@click.option("--batch-size", default=32, show_default=True)
+@click.option("--epochs", default=train_defaults.EPOCHS, show_default=True)
+@click.option("--batch-size", default=train_defaults.BATCH_SIZE, show_default=True)
 @click.option("--size", default=160, show_default=True, help="Input side in pixels.")
-@click.option("--width", default=32, show_default=True,
+@click.option("--width", default=train_defaults.WIDTH, show_default=True,
               help="Filters of the first conv stage; each later stage doubles them.")
 @click.option("--dilate", is_flag=True,
               help="Dilate the last stage's convs (2 and 3): its units see 110 of 160 px instead of 62, "
@@ -349,10 +350,11 @@ def migrate():
 @click.option("--towers", default=1, show_default=True,
               help="Networks trained one after another (seeds SEED, SEED+1, ...) and served as one model "
                    "whose logits are their mean.")
-@click.option("--seed", default=1337, show_default=True, help="Seed of the weights' init and the augmentation.")
+@click.option("--seed", default=train_defaults.SEED, show_default=True,
+              help="Seed of the weights' init and the augmentation.")
 @click.option("--split-seed", type=int,
               help="Seed of the validation split (default: --seed): other --seed values on one split compare fairly.")
-@click.option("--val-fraction", default=0.15, show_default=True)
+@click.option("--val-fraction", default=train_defaults.VAL_FRACTION, show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "float32", "mixed_bfloat16", "mixed_float16"]),
               default="auto", show_default=True,
               help="auto: mixed float16 on a GPU, float32 on a CPU (mixed_bfloat16 is ~1.8x faster per step "
@@ -380,7 +382,8 @@ def migrate():
                    "repeat each class's rare clusters up to this many times per epoch.")
 @click.option("--init", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Start from this trained model's weights (fine-tuning; same --size and --width, one tower).")
-@click.option("--learning-rate", default=2e-3, show_default=True, help="Peak of the warm-up + cosine schedule.")
+@click.option("--learning-rate", default=train_defaults.LEARNING_RATE, show_default=True,
+              help="Peak of the warm-up + cosine schedule.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint.")
 @domain_errors
 def train(data, out, epochs, batch_size, size, width, dilate, towers, seed, split_seed, val_fraction, precision,

@@ -6,12 +6,13 @@ import re
 import keras
 from keras import layers
 
+from training.defaults import WIDTH
+
 GRADCAM_LAYER = "gradcam_features"
 
 # (filters, convs) per stage, as multiples of the base width; every stage but the last ends with a 2x2
 # max-pool. The last stage stays at 1/8 of the input (20x20 at 160 px) so Grad-CAM has a usable grid.
 SHAPE = ((1, 1), (2, 1), (4, 2), (8, 2))
-WIDTH = 32
 # --dilate: the last stage's two convs at dilation 2 and 3 (co-prime, so no gridding). Same weights and FLOPs,
 # but a unit of the Grad-CAM layer sees 110 px of the 160 px head instead of 62 px: the whole head's anatomy
 # (plane, midline, ventricles) rather than a local patch.

@@ -15,6 +15,7 @@ import numpy as np
 from jobs.labels import CLASSES
 from jobs.metrics import classification_metrics
 from training import data as tdata
+from training import defaults
 from vision.preprocess import DEFAULTS
 
 
@@ -22,9 +23,9 @@ from vision.preprocess import DEFAULTS
 class TrainConfig:
     data_root: Path
     out: Path  # models/brainscan-v1 → models/brainscan-v1.keras, .json, -curves.png, -confusion.png
-    epochs: int = 36
-    batch_size: int = 32
-    learning_rate: float = 2e-3
+    epochs: int = defaults.EPOCHS
+    batch_size: int = defaults.BATCH_SIZE
+    learning_rate: float = defaults.LEARNING_RATE
     weight_decay: float = 5e-4
     label_smoothing: float = 0.05
     gamma: float = 0.0  # > 0: intensity gamma augmentation, log-uniform in [e^-gamma, e^gamma]
@@ -42,12 +43,12 @@ class TrainConfig:
     # per step of 32, measured with a training run sharing the cores). The shipped width-32 model was trained in
     # it (README); auto stays float32 on CPUs because CPUs without AMX or AVX512-BF16 gain nothing.
     precision: str = "auto"
-    val_fraction: float = 0.15
-    seed: int = 1337
+    val_fraction: float = defaults.VAL_FRACTION
+    seed: int = defaults.SEED
     # None: the split follows `seed`. Set it to train other inits on one split, so runs score on the same scans.
     split_seed: int | None = None
     size: int = DEFAULTS["size"]
-    width: int = 32  # filters of the first stage (architecture.WIDTH); later stages double it
+    width: int = defaults.WIDTH
     dilate: bool = False  # the last stage's convs dilated (architecture.DILATIONS): a head-wide receptive field
     towers: int = 1  # > 1: that many networks trained one after another (seeds seed, seed+1, ...) and merged
     resume: bool = False

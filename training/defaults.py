@@ -1,0 +1,10 @@
+"""Defaults of a training run, shared by `TrainConfig`, the architecture and `cli.py train`.
+
+Kept free of heavy imports so the CLI can show them in its help without loading scikit-learn or Keras.
+"""
+EPOCHS = 36
+BATCH_SIZE = 32
+LEARNING_RATE = 2e-3  # peak of the warm-up + cosine schedule
+WIDTH = 32  # filters of the first conv stage; later stages double it (24 until 2026-12-03)
+SEED = 1337
+VAL_FRACTION = 0.15
