@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from training.architecture import GRADCAM_LAYER, build_model
+from vision.errors import ModelError
 from vision.gradcam import Explainer
 from vision.preprocess import DEFAULTS, prepare_bytes
 from tests.conftest import EXAMPLES
@@ -22,11 +23,32 @@ def mixed_batch():
     mean, std = pooled.mean(axis=0), pooled.std(axis=0) + 1e-6
     directions = np.random.default_rng(0).normal(size=(pooled.shape[1], 4)).astype(np.float32)
     model.get_layer("logits").set_weights([directions / std[:, None], -(mean / std) @ directions])
-    return Explainer(model, GRADCAM_LAYER), scans
+    return Explainer(model, GRADCAM_LAYER), scans, model
+
+
+def gradient_grad_cam(model, scans, classes):
+    """Grad-CAM the textbook way, as a reference: a tape, each row's target logit, gradients averaged over space."""
+    import keras
+    import tensorflow as tf
+
+    inner = keras.Model(model.inputs, [model.get_layer(GRADCAM_LAYER).output, model.get_layer("logits").output])
+    with tf.GradientTape() as tape:
+        features, logits = inner(scans, training=False)
+        target = tf.gather(logits, classes, axis=1, batch_dims=1)
+    grads = tape.gradient(target, features)
+    cam = tf.nn.relu(tf.reduce_sum(tf.reduce_mean(grads, axis=(1, 2), keepdims=True) * features, -1)).numpy()
+    return cam / (cam.max(axis=(1, 2), keepdims=True) + 1e-7)
+
+
+def test_the_closed_form_maps_equal_a_gradient_pass_for_each_rows_predicted_class(mixed_batch):
+    explain, scans, model = mixed_batch
+    probs, cams = explain(scans)
+
+    np.testing.assert_allclose(cams, gradient_grad_cam(model, scans, probs.argmax(axis=1)), atol=1e-5)
 
 
 def test_a_batch_with_mixed_predicted_classes_equals_maps_computed_one_at_a_time(mixed_batch):
-    explain, scans = mixed_batch
+    explain, scans, _ = mixed_batch
     probs, cams = explain(scans)
     singles = [explain(scans[i : i + 1]) for i in range(len(scans))]
 
@@ -38,7 +60,7 @@ def test_a_batch_with_mixed_predicted_classes_equals_maps_computed_one_at_a_time
 
 
 def test_maps_are_at_the_conv_layers_grid_and_scaled_to_one(mixed_batch):
-    explain, scans = mixed_batch
+    explain, scans, _ = mixed_batch
     _, cams = explain(scans)
 
     assert cams.shape == (16, 8, 8)
@@ -47,18 +69,20 @@ def test_maps_are_at_the_conv_layers_grid_and_scaled_to_one(mixed_batch):
 
 
 def test_each_row_is_explained_for_its_own_predicted_class(mixed_batch):
-    import tensorflow as tf
-
-    explain, scans = mixed_batch
+    explain, scans, model = mixed_batch
     probs, cams = explain(scans)
-    features, logits = explain._model(scans, training=False)
     i = int(np.flatnonzero(probs.argmax(axis=1) != probs.argmax(axis=1)[0])[0])
-    other = int(probs[0].argmax())
-    with tf.GradientTape() as tape:
-        f, lg = explain._model(scans[i : i + 1], training=False)
-        target = lg[0, other]
-    grads = tape.gradient(target, f)
-    wrong = tf.nn.relu(tf.reduce_sum(tf.reduce_mean(grads, axis=(1, 2), keepdims=True) * f, -1))[0].numpy()
-    wrong = wrong / (wrong.max() + 1e-7)
+    wrong = gradient_grad_cam(model, scans[i : i + 1], np.array([probs[0].argmax()]))[0]
 
     assert not np.allclose(cams[i], wrong, atol=1e-3)
+
+
+def test_a_model_whose_logits_do_not_read_pooled_features_is_refused():
+    import keras
+
+    inputs = keras.Input((16, 16, 1))
+    features = keras.layers.Conv2D(4, 3, name=GRADCAM_LAYER)(inputs)
+    logits = keras.layers.Dense(4, name="logits")(keras.layers.Flatten()(features))
+
+    with pytest.raises(ModelError, match="Grad-CAM needs 'gradcam_features' -> global average pooling"):
+        Explainer(keras.Model(inputs, logits), GRADCAM_LAYER)

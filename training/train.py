@@ -318,16 +318,7 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
     model = build_model(cfg.size, len(CLASSES), stages=stages)
     if cfg.init:
         start_from(model, cfg.init)
-    steps = (len(x_train) // batch_size) * cfg.epochs
-    schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, steps, warmup_target=cfg.learning_rate, warmup_steps=max(1, steps // 20)
-    )
-    model.compile(
-        optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, use_ema=cfg.ema_momentum > 0,
-                                         ema_momentum=cfg.ema_momentum or 0.99),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-        metrics=["accuracy"],
-    )
+    compile_network(model, cfg, (len(x_train) // batch_size) * cfg.epochs)
     kept: dict = {}
     history: list[dict] = []
     if cfg.resume and state_path.exists():
@@ -365,6 +356,21 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
     earlier = sum(row["seconds"] for row in history if row.get("resumed"))
     state_path.write_text(json.dumps({"history": history, "weights": weights, "seconds": earlier + time.time() - t0}))
     return Network(model, seed, history, weights, earlier)
+
+
+def compile_network(model, cfg: TrainConfig, steps: int) -> None:
+    """AdamW with weight decay and a weight average, warm-up then cosine over `steps`, label-smoothed loss."""
+    import keras
+
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, steps, warmup_target=cfg.learning_rate, warmup_steps=max(1, steps // 20)
+    )
+    model.compile(
+        optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, use_ema=cfg.ema_momentum > 0,
+                                         ema_momentum=cfg.ema_momentum or 0.99),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+        metrics=["accuracy"],
+    )
 
 
 def start_from(model, init: Path) -> None:

@@ -10,3 +10,6 @@ import os
 # 1.4x faster (86.3 against 61.1 scans/s at batch 64, bench/model.py). Set here, before anything imports
 # TensorFlow; TF_ENABLE_ONEDNN_OPTS=0 in the environment still turns them off.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+# Under Keras's JAX backend a process would take 75% of a GPU's memory at start; like TensorFlow's memory growth,
+# take it as needed, so several worker processes can share one GPU.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

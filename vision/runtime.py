@@ -9,16 +9,29 @@ from vision.modelio import load_model
 
 
 def configure_devices(cpu_threads: int | None = None) -> list:
-    """GPU memory growth on; CPU thread pools sized to this process's share of the cores. Returns GPUs."""
+    """GPUs visible to the Keras backend, set to take memory as needed; CPU thread pools sized to this
+    process's share of the cores. Returns the GPUs' names."""
+    import keras
+
+    threads = cpu_threads or int(os.environ.get("BRAINSCAN_CPU_THREADS") or os.cpu_count() or 1)
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return [str(d) for d in jax.devices() if d.platform == "gpu"]
+    if backend == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
-    threads = cpu_threads or int(os.environ.get("BRAINSCAN_CPU_THREADS") or os.cpu_count() or 1)
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
-    return gpus
+    return [gpu.name for gpu in gpus]
 
 
 class Runtime:
