@@ -86,7 +86,7 @@ def run_rates(model: str, folder: Path, workers: list[int], batch_size: int) -> 
                  bare_forward_gradcam_scans_per_s=round(bare, 1), run_vs_bare=round(steady / bare, 3))
 
 
-def train_rates(arrays: np.ndarray, policies: list[str], batches: list[int]) -> None:
+def train_rates(arrays: np.ndarray, policies: list[str], batches: list[int], augment: bool = True) -> None:
     """One epoch of the shipped split's size per precision and batch, timed after a compiling warm-up."""
     import keras
 
@@ -94,7 +94,7 @@ def train_rates(arrays: np.ndarray, policies: list[str], batches: list[int]) -> 
     from training.architecture import build_model
     from training.train import TrainConfig, compile_network
 
-    cfg = TrainConfig(data_root=ROOT, out=ROOT)
+    cfg = TrainConfig(data_root=ROOT, out=ROOT, ema_momentum=float(os.environ.get("BENCH_EMA", 0.998)))
     y = keras.ops.one_hot(np.arange(len(arrays)) % 4, 4)
     for policy in policies:
         for batch in batches:
@@ -103,7 +103,7 @@ def train_rates(arrays: np.ndarray, policies: list[str], batches: list[int]) -> 
             net = build_model(cfg.size, 4)
             # The tf.data pipeline maps this augmenter over each batch; here it runs on the GPU inside the step.
             scans = keras.Input((cfg.size, cfg.size, 1))
-            augmented = keras.ops.clip(tdata.augmenter(cfg.seed)(scans), 0.0, 1.0)
+            augmented = keras.ops.clip(tdata.augmenter(cfg.seed)(scans), 0.0, 1.0) if augment else scans
             model = keras.Model(scans, net(augmented))
             steps = TRAIN_SCANS // batch
             compile_network(model, cfg, steps * cfg.epochs)
@@ -117,7 +117,7 @@ def train_rates(arrays: np.ndarray, policies: list[str], batches: list[int]) -> 
                 emit("error", part="train", policy=policy, batch=batch, error=f"{type(exc).__name__}: {exc}"[:1000])
                 continue
             per_s = len(x) / (time.perf_counter() - t0)
-            emit("train", policy=policy, batch=batch, steps=steps, scans_per_s=round(per_s, 1),
+            emit("train", policy=policy, batch=batch, augment=augment, ema=cfg.ema_momentum, steps=steps, scans_per_s=round(per_s, 1),
                  shipped_recipe_minutes=round(cfg.epochs * TRAIN_SCANS / per_s / 60, 2))
     keras.mixed_precision.set_global_policy("float32")
 
@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--run-batch", type=int, default=32)
     parser.add_argument("--policies", default="float32,mixed_float16,mixed_bfloat16")
     parser.add_argument("--train-batches", default="32,128")
+    parser.add_argument("--no-augment", action="store_true", help="time the network's step alone")
     parser.add_argument("--only", default="model,run,train")
     args = parser.parse_args()
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
@@ -146,7 +147,7 @@ def main() -> None:
     parts = {
         "model": lambda: model_rates(args.model, arrays, ints(args.batches), args.repeats),
         "run": lambda: run_rates(args.model, args.scans, ints(args.workers), args.run_batch),
-        "train": lambda: train_rates(arrays, args.policies.split(","), ints(args.train_batches)),
+        "train": lambda: train_rates(arrays, args.policies.split(","), ints(args.train_batches), not args.no_augment),
     }
     for name in args.only.split(","):
         try:  # one failing part must not cost the others' figures: device time is scarce
