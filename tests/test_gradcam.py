@@ -4,7 +4,7 @@ import pytest
 
 from training.architecture import GRADCAM_LAYER, build_model
 from vision.errors import ModelError
-from vision.gradcam import Explainer
+from vision.gradcam import Explainer, padded_size
 from vision.preprocess import DEFAULTS, prepare_bytes
 from tests.conftest import EXAMPLES
 
@@ -86,3 +86,18 @@ def test_a_model_whose_logits_do_not_read_pooled_features_is_refused():
 
     with pytest.raises(ModelError, match="Grad-CAM needs 'gradcam_features' -> global average pooling"):
         Explainer(keras.Model(inputs, logits), GRADCAM_LAYER)
+
+
+def test_batches_run_at_the_next_power_of_two_so_a_worker_compiles_few_shapes():
+    assert [padded_size(n) for n in (1, 2, 3, 5, 8, 9, 31, 32, 33)] == [1, 2, 4, 8, 8, 16, 32, 32, 64]
+    assert len({padded_size(n) for n in range(1, 33)}) == 6
+
+
+def test_a_batch_that_is_padded_gives_the_rows_of_its_scans_alone(mixed_batch):
+    explain, scans, _ = mixed_batch
+    probs, cams = explain(scans[:5])
+    singles = [explain(scans[i : i + 1]) for i in range(5)]
+
+    assert probs.shape == (5, 4) and cams.shape == (5, 8, 8)
+    np.testing.assert_allclose(cams, np.concatenate([c for _, c in singles]), atol=1e-4)
+    np.testing.assert_allclose(probs, np.concatenate([p for p, _ in singles]), atol=1e-4)

@@ -47,6 +47,18 @@ def class_activation(features, logits, kernel):
     return cam / (ops.max(cam, axis=(1, 2), keepdims=True) + EPSILON)
 
 
+def padded_size(n: int) -> int:
+    """The batch size a batch of n runs at: the next power of two, so a worker compiles a handful of shapes."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def pad_batch(images: np.ndarray) -> np.ndarray:
+    """The batch as float32, with zero rows up to padded_size (rows do not interact at inference)."""
+    images = np.asarray(images, np.float32)
+    extra = padded_size(len(images)) - len(images)
+    return np.concatenate([images, np.zeros((extra, *images.shape[1:]), np.float32)]) if extra else images
+
+
 class Explainer:
     """Wraps a model with a named logits layer and returns probabilities and Grad-CAM maps."""
 
@@ -67,11 +79,13 @@ class Explainer:
         self._model = keras.Model(keras_model.inputs, [probs, cams])
         self._forward = keras.Model(keras_model.inputs, probs)
 
+    # XLA (jax.jit, TensorFlow on a GPU) compiles once per batch shape, for a second or more. Cache hits make
+    # a worker's batches every size from 1 to the batch size; padded to powers of two they are a few shapes.
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities (B, classes) and heatmaps (B, h, w) in [0, 1] for a batch of prepared arrays."""
-        probs, cams = self._model.predict_on_batch(np.asarray(images, np.float32))
-        return np.asarray(probs), np.asarray(cams)
+        probs, cams = self._model.predict_on_batch(pad_batch(images))
+        return np.asarray(probs)[: len(images)], np.asarray(cams)[: len(images)]
 
     def forward(self, images: np.ndarray) -> np.ndarray:
         """Probabilities only, compiled like the explained pass, for benchmarks that compare the two."""
-        return np.asarray(self._forward.predict_on_batch(np.asarray(images, np.float32)))
+        return np.asarray(self._forward.predict_on_batch(pad_batch(images)))[: len(images)]
