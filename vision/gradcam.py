@@ -6,7 +6,7 @@ import numpy as np
 from vision.errors import ModelError
 
 EPSILON = 1e-7
-# Between the Grad-CAM layer and the logits only these may stand: then the gradient of a logit with respect to
+# Between the Grad-CAM layer and the logits only these may stand (the pooling once): then the gradient of a logit with respect to
 # the features is the class's dense weights spread evenly over the grid, and Grad-CAM needs no backprop at all.
 HEAD_LAYERS = ("GlobalAveragePooling2D", "Dropout")
 
@@ -21,9 +21,10 @@ def head_path(keras_model, gradcam_layer: str, logits_layer: str = "logits") -> 
             break
         layer = inputs[0]._keras_history.operation
     kinds = [type(lay).__name__ for lay in path]
-    if layer.name != gradcam_layer or kinds[0] != "Dense" or sorted(kinds[1:]) != sorted(HEAD_LAYERS):
+    if (layer.name != gradcam_layer or kinds[0] != "Dense" or kinds[1:].count("GlobalAveragePooling2D") != 1
+            or not set(kinds[1:]) <= set(HEAD_LAYERS)):
         raise ModelError(
-            f"Grad-CAM needs '{gradcam_layer}' -> global average pooling -> dropout -> '{logits_layer}' (Dense); "
+            f"Grad-CAM needs '{gradcam_layer}' -> global average pooling [-> dropout] -> '{logits_layer}' (Dense); "
             f"this model has {' <- '.join(kinds)} after it"
         )
     return path
@@ -48,14 +49,14 @@ def class_activation(features, logits, kernel):
 
 
 def padded_size(n: int) -> int:
-    """The batch size a batch of n runs at: the next power of two, so a worker compiles a handful of shapes."""
+    """The batch size a batch of n runs at under XLA: the next power of two, so a worker compiles a few shapes."""
     return 1 << max(0, n - 1).bit_length()
 
 
-def pad_batch(images: np.ndarray) -> np.ndarray:
-    """The batch as float32, with zero rows up to padded_size (rows do not interact at inference)."""
+def pad_batch(images: np.ndarray, pad: bool = True) -> np.ndarray:
+    """The batch as float32, with zero rows up to padded_size when `pad` (rows do not interact at inference)."""
     images = np.asarray(images, np.float32)
-    extra = padded_size(len(images)) - len(images)
+    extra = padded_size(len(images)) - len(images) if pad else 0
     return np.concatenate([images, np.zeros((extra, *images.shape[1:]), np.float32)]) if extra else images
 
 
@@ -79,13 +80,18 @@ class Explainer:
         self._model = keras.Model(keras_model.inputs, [probs, cams])
         self._forward = keras.Model(keras_model.inputs, probs)
 
-    # XLA (jax.jit, TensorFlow on a GPU) compiles once per batch shape, for a second or more. Cache hits make
-    # a worker's batches every size from 1 to the batch size; padded to powers of two they are a few shapes.
+    @property
+    def pads(self) -> bool:
+        """Whether batches are padded: under XLA (jax.jit, TensorFlow on a GPU), which compiles once per batch
+        shape for a second or more while cache hits make a worker's batches any size up to the batch size.
+        TensorFlow on a CPU traces a second shape as a shape of any size, so padding would only cost there."""
+        return bool(self._model.jit_compile)
+
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities (B, classes) and heatmaps (B, h, w) in [0, 1] for a batch of prepared arrays."""
-        probs, cams = self._model.predict_on_batch(pad_batch(images))
+        probs, cams = self._model.predict_on_batch(pad_batch(images, self.pads))
         return np.asarray(probs)[: len(images)], np.asarray(cams)[: len(images)]
 
     def forward(self, images: np.ndarray) -> np.ndarray:
         """Probabilities only, compiled like the explained pass, for benchmarks that compare the two."""
-        return np.asarray(self._forward.predict_on_batch(pad_batch(images)))[: len(images)]
+        return np.asarray(self._forward.predict_on_batch(pad_batch(images, self.pads)))[: len(images)]
