@@ -4,8 +4,9 @@
    measurement);
 2. run: `cli.py run` end to end (decode, preprocessing, SQLite, heatmaps written) on a folder of real scans,
    with 1..N local worker processes sharing the GPU, against the bare model on the same scans;
-3. train: an epoch of the shipped recipe's training steps (augmentation, network, AdamW + weight average, label smoothing,
-   as `training.train.fit_network` compiles it) in each precision, and what 36 epochs of the shipped split cost.
+3. train: an epoch of the shipped recipe's training steps (augmentation, network, AdamW + weight average,
+   label smoothing, as `training.train.fit_network` compiles it) in each precision, and what 36 epochs of the
+   shipped split cost (--no-augment and BENCH_EMA=0 time the network alone).
 
 Runs on whichever Keras backend KERAS_BACKEND names. The device machine lent to this project has JAX and PyTorch
 but no TensorFlow, so its figures come from the JAX backend: the same .keras model and the same Explainer, only
@@ -117,7 +118,8 @@ def train_rates(arrays: np.ndarray, policies: list[str], batches: list[int], aug
                 emit("error", part="train", policy=policy, batch=batch, error=f"{type(exc).__name__}: {exc}"[:1000])
                 continue
             per_s = len(x) / (time.perf_counter() - t0)
-            emit("train", policy=policy, batch=batch, augment=augment, ema=cfg.ema_momentum, steps=steps, scans_per_s=round(per_s, 1),
+            emit("train", policy=policy, batch=batch, augment=augment, ema=cfg.ema_momentum, steps=steps,
+                 scans_per_s=round(per_s, 1),
                  shipped_recipe_minutes=round(cfg.epochs * TRAIN_SCANS / per_s / 60, 2))
     keras.mixed_precision.set_global_policy("float32")
 

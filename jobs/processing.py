@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from db.models import Job, Result, Scan
 from db.session import session_scope
@@ -124,23 +124,36 @@ def classify(url: str, runtime, job: Job, scans: list[Scan]) -> BatchOutcome:
             ).all())
         else:
             fresh = {}
-        now = _now()
+        failed, done = [], []
         for scan in scans:
-            values = {"lease_until": None, "finished_at": now}
             if scan.id in failures:
-                values.update(status="failed", error=failures[scan.id])
+                failed.append({"scan_id": scan.id, "reason": failures[scan.id]})
                 outcome.failed += 1
                 outcome.errors[scan.path] = failures[scan.id]
             elif scan.sha256 in cached or computed_by[scan.sha256] != scan.id:
                 # A byte-identical copy later in the same batch reuses its twin's result, as a cache hit.
-                values.update(status="done", result_id=cached.get(scan.sha256) or fresh[scan.sha256],
-                              from_cache=True)
+                done.append({"scan_id": scan.id, "result": cached.get(scan.sha256) or fresh[scan.sha256],
+                             "cache_hit": True})
                 outcome.cached += 1
             else:
-                values.update(status="done", result_id=fresh[scan.sha256])
+                done.append({"scan_id": scan.id, "result": fresh[scan.sha256], "cache_hit": False})
                 outcome.done += 1
-            session.execute(update(Scan).where(Scan.id == scan.id, Scan.status == "pending").values(**values))
+        finish(session, failed, done)
     return outcome
+
+
+def finish(session, failed: list[dict], done: list[dict]) -> None:
+    """Mark scans failed (scan_id, reason) and done (scan_id, result, cache_hit), each kind in one executemany;
+    a scan that is no longer pending is left as it is."""
+    scans = Scan.__table__
+    pending = update(scans).where(scans.c.id == bindparam("scan_id"), scans.c.status == "pending")
+    now = _now()
+    if failed:
+        session.execute(pending.values(status="failed", error=bindparam("reason"), lease_until=None, finished_at=now),
+                        failed)
+    if done:
+        session.execute(pending.values(status="done", result_id=bindparam("result"), from_cache=bindparam("cache_hit"),
+                                       lease_until=None, finished_at=now), done)
 
 
 def process_batch(url: str, runtime, job_id: int, scan_ids: list[int], *, max_attempts: int = 3,

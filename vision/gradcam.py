@@ -6,8 +6,9 @@ import numpy as np
 from vision.errors import ModelError
 
 EPSILON = 1e-7
-# Between the Grad-CAM layer and the logits only these may stand (the pooling once): then the gradient of a logit with respect to
-# the features is the class's dense weights spread evenly over the grid, and Grad-CAM needs no backprop at all.
+# Between the Grad-CAM layer and the logits only these may stand (the pooling once): then the gradient of a
+# logit with respect to the features is the class's dense weights spread evenly over the grid, and Grad-CAM
+# needs no backprop at all.
 HEAD_LAYERS = ("GlobalAveragePooling2D", "Dropout")
 
 
@@ -76,7 +77,7 @@ class Explainer:
 
         probs = keras.layers.Softmax(dtype="float32", name="explained_probs")(keras.ops.cast(logits, "float32"))
         cams = ClassActivation(dtype="float32", name="class_activation")(features, logits)
-        # predict_on_batch compiles each model once per batch shape: tf.function (XLA on a GPU), jax.jit, or eager torch.
+        # predict_on_batch compiles each model per batch shape: tf.function (XLA on a GPU), jax.jit, eager torch.
         self._model = keras.Model(keras_model.inputs, [probs, cams])
         self._forward = keras.Model(keras_model.inputs, probs)
 
