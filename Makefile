@@ -35,5 +35,6 @@ soak: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/model.py
 	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/batch.py
 	$(BIN)/python bench/nightly.py
 	$(BIN)/python bench/report.py
