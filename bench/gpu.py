@@ -2,7 +2,7 @@
 
 1. model: the shipped model's forward and forward + Grad-CAM, scans/s, at several batch sizes (bench/model.py's
    measurement);
-2. run: `cli.py run` end to end (decode, preprocessing, SQLite, heatmaps written) on a folder of real scans,
+2. run: `cli.py run` end to end (reading, decoding, preprocessing, results and heatmaps into SQLite) on real scans,
    with 1..N local worker processes sharing the GPU, against the bare model on the same scans;
 3. train: an epoch of the shipped recipe's training steps (augmentation, network, AdamW + weight average,
    label smoothing, as `training.train.fit_network` compiles it) in each precision, and what 36 epochs of the
@@ -34,7 +34,6 @@ from bench.model import rate  # noqa: E402
 from bench.pipeline import bare_rate, steady_rate  # noqa: E402
 from config import DEFAULT_MODEL  # noqa: E402
 
-TRAIN_SCANS = 4692  # training scans of the shipped model's split (models/brainscan-v1.json, train_sha256)
 
 
 def emit(kind: str, **fields) -> None:
@@ -87,8 +86,9 @@ def run_rates(model: str, folder: Path, workers: list[int], batch_size: int) -> 
                  bare_forward_gradcam_scans_per_s=round(bare, 1), run_vs_bare=round(steady / bare, 3))
 
 
-def train_rates(arrays: np.ndarray, policies: list[str], batches: list[int], augment: bool = True) -> None:
-    """One epoch of the shipped split's size per precision and batch, timed after a compiling warm-up."""
+def train_rates(arrays: np.ndarray, train_scans: int, policies: list[str], batches: list[int],
+                augment: bool = True) -> None:
+    """One epoch of `train_scans` per precision and batch, timed after a compiling warm-up."""
     import keras
 
     from training import data as tdata
@@ -96,7 +96,7 @@ def train_rates(arrays: np.ndarray, policies: list[str], batches: list[int], aug
     from training.train import TrainConfig, compile_network
 
     cfg = TrainConfig(data_root=ROOT, out=ROOT, ema_momentum=float(os.environ.get("BENCH_EMA", 0.998)))
-    y = keras.ops.one_hot(np.arange(len(arrays)) % 4, 4)
+    y = np.eye(4, dtype=np.float32)[np.arange(len(arrays)) % 4]
     for policy in policies:
         for batch in batches:
             keras.mixed_precision.set_global_policy(policy)
@@ -106,10 +106,10 @@ def train_rates(arrays: np.ndarray, policies: list[str], batches: list[int], aug
             scans = keras.Input((cfg.size, cfg.size, 1))
             augmented = keras.ops.clip(tdata.augmenter(cfg.seed)(scans), 0.0, 1.0) if augment else scans
             model = keras.Model(scans, net(augmented))
-            steps = TRAIN_SCANS // batch
+            steps = train_scans // batch
             compile_network(model, cfg, steps * cfg.epochs)
             x = np.stack([arrays[i % len(arrays)] for i in range(batch * steps)])
-            yy = np.asarray(y)[np.arange(len(x)) % len(arrays)]
+            yy = y[np.arange(len(x)) % len(arrays)]
             try:
                 model.fit(x[: batch * 2], yy[: batch * 2], batch_size=batch, epochs=1, verbose=0)  # compile
                 t0 = time.perf_counter()
@@ -120,7 +120,7 @@ def train_rates(arrays: np.ndarray, policies: list[str], batches: list[int], aug
             per_s = len(x) / (time.perf_counter() - t0)
             emit("train", policy=policy, batch=batch, augment=augment, ema=cfg.ema_momentum, steps=steps,
                  scans_per_s=round(per_s, 1),
-                 shipped_recipe_minutes=round(cfg.epochs * TRAIN_SCANS / per_s / 60, 2))
+                 shipped_recipe_minutes=round(cfg.epochs * train_scans / per_s / 60, 2))
     keras.mixed_precision.set_global_policy("float32")
 
 
@@ -145,11 +145,13 @@ def main() -> None:
 
     emit("device", gpu=device_name(), backend=keras.backend.backend(), keras=keras.__version__,
          cpus=os.cpu_count(), machine=platform.machine())
-    arrays = real_arrays(args.scans, read_card(Path(args.model))["preprocessing"], 512)
+    card = read_card(Path(args.model))
+    arrays = real_arrays(args.scans, card["preprocessing"], 512)
     parts = {
         "model": lambda: model_rates(args.model, arrays, ints(args.batches), args.repeats),
         "run": lambda: run_rates(args.model, args.scans, ints(args.workers), args.run_batch),
-        "train": lambda: train_rates(arrays, args.policies.split(","), ints(args.train_batches), not args.no_augment),
+        "train": lambda: train_rates(arrays, len(card["train_sha256"]), args.policies.split(","),
+                                     ints(args.train_batches), not args.no_augment),
     }
     for name in args.only.split(","):
         try:  # one failing part must not cost the others' figures: device time is scarce
