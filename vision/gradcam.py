@@ -20,7 +20,7 @@ def head_path(keras_model, gradcam_layer: str, logits_layer: str = "logits") -> 
         inputs = layer.input if isinstance(layer.input, list) else [layer.input]
         if len(inputs) != 1 or len(path) > len(HEAD_LAYERS) + 1:
             break
-        layer = inputs[0]._keras_history.operation
+        layer = inputs[0]._keras_history.operation  # the layer that made this tensor; Keras has no public accessor
     kinds = [type(lay).__name__ for lay in path]
     if (layer.name != gradcam_layer or kinds[0] != "Dense" or kinds[1:].count("GlobalAveragePooling2D") != 1
             or not set(kinds[1:]) <= set(HEAD_LAYERS)):
