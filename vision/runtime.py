@@ -8,12 +8,17 @@ import numpy as np
 from vision.modelio import load_model
 
 
+def cpu_share(cpu_threads: int | None = None) -> int:
+    """The cores this process may use: cpu_threads, else BRAINSCAN_CPU_THREADS, else all of them."""
+    return cpu_threads or int(os.environ.get("BRAINSCAN_CPU_THREADS") or os.cpu_count() or 1)
+
+
 def configure_devices(cpu_threads: int | None = None) -> list:
     """GPUs visible to the Keras backend, set to take memory as needed; CPU thread pools sized to this
     process's share of the cores. Returns the GPUs' names."""
     import keras
 
-    threads = cpu_threads or int(os.environ.get("BRAINSCAN_CPU_THREADS") or os.cpu_count() or 1)
+    threads = cpu_share(cpu_threads)
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
@@ -39,6 +44,7 @@ class Runtime:
 
     def __init__(self, model_path, cpu_threads: int | None = None, warm_batch: int = 32):
         self.gpus = configure_devices(cpu_threads)
+        self.threads = cpu_share(cpu_threads)  # also how many scans it decodes at once
         from vision.gradcam import Explainer
 
         self.model = load_model(model_path)
