@@ -18,6 +18,16 @@ from config import load_settings
 from training import defaults as train_defaults
 
 
+def parse_counts(value: str | None) -> tuple | None:
+    """`1,2,2,3` as (1, 2, 2, 3); None stays None."""
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not comma-separated whole numbers such as 1,1,2,2")
+
+
 def domain_errors(fn):
     """Turn the library's user-actionable errors into one-line messages and exit code 1."""
 
@@ -347,6 +357,8 @@ def migrate():
 @click.option("--dilate", is_flag=True,
               help="Dilate the last stage's convs (2 and 3): its units see 110 of 160 px instead of 62, "
                    "at the same weights and FLOPs.")
+@click.option("--convs", callback=lambda ctx, param, value: parse_counts(value),
+              help="Conv blocks in each of the 4 stages, comma-separated (default 1,1,2,2).")
 @click.option("--towers", default=1, show_default=True,
               help="Networks trained one after another (seeds SEED, SEED+1, ...) and served as one model "
                    "whose logits are their mean.")
@@ -386,7 +398,7 @@ def migrate():
               help="Peak of the warm-up + cosine schedule.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint.")
 @domain_errors
-def train(data, out, epochs, batch_size, size, width, dilate, towers, seed, split_seed, val_fraction, precision,
+def train(data, out, epochs, batch_size, size, width, dilate, convs, towers, seed, split_seed, val_fraction, precision,
           equalise, gamma, invert, gin, clean_epochs, downsize, oversample, balance, init, learning_rate, resume):
     """Train the CNN on the class folders of DATA (a folder or .zip archive); write the model, card and plots.
 
@@ -395,7 +407,7 @@ def train(data, out, epochs, batch_size, size, width, dilate, towers, seed, spli
     from training.train import TrainConfig
     from training.train import train as run_training
 
-    cfg = TrainConfig(data, out, epochs=epochs, batch_size=batch_size, size=size, width=width, dilate=dilate,
+    cfg = TrainConfig(data, out, epochs=epochs, batch_size=batch_size, size=size, width=width, dilate=dilate, convs=convs,
                       towers=towers, seed=seed, split_seed=split_seed,
                       val_fraction=val_fraction, precision=precision, equalise=equalise, gamma=gamma,
                       invert=invert, gin=gin, clean_epochs=clean_epochs, downsize=downsize, oversample=oversample,

@@ -45,3 +45,17 @@ def test_a_non_integer_setting_names_the_variable(monkeypatch):
     result = CliRunner().invoke(cli, ["jobs"])
 
     assert (result.exit_code, result.output) == (1, "Error: BRAINSCAN_BATCH_SIZE must be an integer, got 'lots'\n")
+
+
+def test_train_refuses_conv_counts_that_are_not_numbers(tmp_path):
+    result = CliRunner().invoke(cli, ["train", str(tmp_path), "--convs", "1,two,2,2"])
+
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1] == (
+        "Error: Invalid value for '--convs': '1,two,2,2' is not comma-separated whole numbers such as 1,1,2,2")
+
+
+def test_train_refuses_conv_counts_for_another_number_of_stages(tmp_path):
+    result = CliRunner().invoke(cli, ["train", str(tmp_path), "--convs", "1,2,2"])
+
+    assert (result.exit_code, result.output) == (1, "Error: --convs needs 4 counts of 1 or more, got (1, 2, 2)\n")

@@ -204,3 +204,17 @@ def test_models_of_different_widths_are_not_merged(two_tiny_models, tmp_path):
 
     with pytest.raises(ModelError, match="have different conv stages"):
         merge([two_tiny_models["one"], tmp_path / "wide.keras"], tmp_path / "m")
+
+
+def test_convs_set_the_conv_blocks_of_each_stage():
+    model = build_model(64, 4, stages_for(8, convs=(1, 2, 2, 3)))
+
+    assert [layer.filters for layer in model.layers if hasattr(layer, "filters")] == [8, 16, 16, 32, 32, 64, 64, 64]
+    assert model.get_layer(GRADCAM_LAYER).output.shape[1:] == (8, 8, 64)
+
+
+def test_dilation_refuses_a_last_stage_of_other_than_two_convs():
+    from vision.errors import ModelError
+
+    with pytest.raises(ModelError, match=r"^--dilate needs 2 convs in the last stage, got 3$"):
+        stages_for(8, dilate=True, convs=(1, 1, 2, 3))

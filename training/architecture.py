@@ -7,6 +7,7 @@ import keras
 from keras import layers
 
 from training.defaults import WIDTH
+from vision.errors import ModelError
 
 GRADCAM_LAYER = "gradcam_features"
 
@@ -19,9 +20,17 @@ SHAPE = ((1, 1), (2, 1), (4, 2), (8, 2))
 DILATIONS = (2, 3)
 
 
-def stages_for(width: int = WIDTH, dilate: bool = False) -> tuple:
-    """The (filters, convs[, dilations]) of each stage for a base width (the first stage's filters)."""
-    stages = [(width * m, convs) for m, convs in SHAPE]
+def stages_for(width: int = WIDTH, dilate: bool = False, convs: tuple | None = None) -> tuple:
+    """The (filters, convs[, dilations]) of each stage for a base width (the first stage's filters).
+
+    `convs` gives the conv blocks of each stage (default SHAPE's 1, 1, 2, 2).
+    """
+    counts = convs or tuple(n for _, n in SHAPE)
+    if len(counts) != len(SHAPE) or min(counts) < 1:
+        raise ModelError(f"--convs needs {len(SHAPE)} counts of 1 or more, got {counts}")
+    if dilate and counts[-1] != len(DILATIONS):
+        raise ModelError(f"--dilate needs {len(DILATIONS)} convs in the last stage, got {counts[-1]}")
+    stages = [(width * m, n) for (m, _), n in zip(SHAPE, counts)]
     if dilate:
         stages[-1] = (*stages[-1], DILATIONS)
     return tuple(stages)

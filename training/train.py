@@ -50,6 +50,7 @@ class TrainConfig:
     size: int = DEFAULTS["size"]
     width: int = defaults.WIDTH
     dilate: bool = False  # the last stage's convs dilated (architecture.DILATIONS): a head-wide receptive field
+    convs: tuple | None = None  # conv blocks per stage (architecture.SHAPE's when None)
     towers: int = 1  # > 1: that many networks trained one after another (seeds seed, seed+1, ...) and merged
     resume: bool = False
     command: str = ""
@@ -412,13 +413,13 @@ def train(cfg: TrainConfig) -> dict:
 
     from training.architecture import merge_towers, stages_for
 
+    stages = cfg.stages or stages_for(cfg.width, cfg.dilate, cfg.convs)  # a bad shape fails before the data loads
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.parent / f".{out.name}-training"
     params = dict(DEFAULTS, size=cfg.size, **({"equalise": True} if cfg.equalise else {}))
     data = prepare(cfg, params)
     train_ex, val_ex, x_val, y_val = data.train_ex, data.val_ex, data.x_val, data.y_val
-    stages = cfg.stages or stages_for(cfg.width, cfg.dilate)
 
     networks = []
     for k in range(cfg.towers):
