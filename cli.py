@@ -432,7 +432,8 @@ def train(data, out, epochs, batch_size, size, width, dilate, convs, towers, see
 def merge(models, out, data):
     """Serve models trained on the same split as one: towers side by side, logits averaged, one Grad-CAM layer.
 
-    A model that already has towers joins with each of them, so every network weighs the same.
+    A model that already has towers joins with each of them, so every network weighs the same. Towers may
+    differ in width, conv blocks and dilation; the split, preprocessing and input size must match.
 
     Example: python cli.py merge models/a.keras models/b.keras --out models/brainscan-v1
     """

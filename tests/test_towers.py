@@ -27,50 +27,74 @@ def random_network(seed: int, stages=STAGES, size: int = 64):
     return model
 
 
-@pytest.fixture(scope="module")
-def towers():
+def logits_of(model, scans) -> np.ndarray:
+    """The model's logits layer on scans."""
     import keras
 
+    return keras.Model(model.inputs, model.get_layer("logits").output)(scans).numpy()
+
+
+DEEP = stages_for(16, convs=(1, 2, 2, 3))
+
+
+@pytest.fixture(scope="module")
+def towers():
     networks = [random_network(1), random_network(2)]
     scans = np.stack([prepare_bytes(p.read_bytes(), dict(DEFAULTS, size=64)).array
                       for p in sorted(EXAMPLES.glob("*/*.jpg"))])
-    logits = [keras.Model(n.inputs, n.get_layer("logits").output)(scans).numpy() for n in networks]
+    logits = [logits_of(n, scans) for n in networks]
     return networks, merge_towers(networks, 64, STAGES), scans, logits
 
 
 def test_merged_logits_are_the_mean_of_the_networks_logits(towers):
-    import keras
-
     _, merged, scans, logits = towers
-    merged_logits = keras.Model(merged.inputs, merged.get_layer("logits").output)(scans).numpy()
+    merged_logits = logits_of(merged, scans)
 
     np.testing.assert_allclose(merged_logits, (logits[0] + logits[1]) / 2, atol=1e-4)
 
 
 def test_a_multi_tower_model_merges_as_its_towers_so_every_network_weighs_the_same(towers):
-    import keras
-
     networks, merged, scans, logits = towers
     third = random_network(3)
-    logits3 = keras.Model(third.inputs, third.get_layer("logits").output)(scans).numpy()
+    logits3 = logits_of(third, scans)
     three = merge_towers([merged, third], 64, STAGES)
-    out = keras.Model(three.inputs, three.get_layer("logits").output)(scans).numpy()
+    out = logits_of(three, scans)
 
     assert len(three.get_layer(GRADCAM_LAYER).input) == 3
     np.testing.assert_allclose(out, (logits[0] + logits[1] + logits3) / 3, rtol=1e-4, atol=1e-4)
 
 
 def test_a_dilated_network_merges_with_a_plain_one_as_the_mean_of_their_logits(towers):
-    import keras
-
     networks, _, scans, logits = towers
     dilated = random_network(4, stages_for(8, dilate=True))
-    dilated_logits = keras.Model(dilated.inputs, dilated.get_layer("logits").output)(scans).numpy()
+    dilated_logits = logits_of(dilated, scans)
     both = merge_towers([networks[0], dilated], 64, [STAGES, stages_for(8, dilate=True)])
-    out = keras.Model(both.inputs, both.get_layer("logits").output)(scans).numpy()
+    out = logits_of(both, scans)
 
     assert [both.get_layer(f"t{k}_features_conv").dilation_rate for k in (0, 1)] == [(1, 1), (3, 3)]
     np.testing.assert_allclose(out, (logits[0] + dilated_logits) / 2, rtol=1e-4, atol=1e-4)
+
+
+def test_networks_of_different_widths_and_depths_merge_as_the_mean_of_their_logits(towers):
+    networks, _, scans, logits = towers
+    other = random_network(6, DEEP)
+    other_logits = logits_of(other, scans)
+    both = merge_towers([networks[0], other], 64, [STAGES, DEEP])
+    out = logits_of(both, scans)
+
+    assert both.get_layer(GRADCAM_LAYER).output.shape[1:] == (8, 8, 64 + 128)
+    np.testing.assert_allclose(out, (logits[0] + other_logits) / 2, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_with_towers_of_different_widths_merges_as_each_of_its_towers(towers):
+    networks, _, scans, logits = towers
+    other = random_network(6, DEEP)
+    other_logits = logits_of(other, scans)
+    three = merge_towers([merge_towers([other, networks[0]], 64, [DEEP, STAGES]), networks[1]], 64,
+                         [DEEP, STAGES, STAGES])
+    out = logits_of(three, scans)
+
+    np.testing.assert_allclose(out, (other_logits + logits[0] + logits[1]) / 3, rtol=1e-4, atol=1e-4)
 
 
 def test_a_dilated_grad_cam_unit_sees_the_scan_40_px_away_where_a_plain_one_does_not():
@@ -194,16 +218,16 @@ def test_a_dilated_model_merges_with_a_plain_one_and_the_card_lists_each_towers_
     assert [model.get_layer(f"t{k}_features_conv").dilation_rate for k in (0, 1)] == [(1, 1), (3, 3)]
 
 
-def test_models_of_different_widths_are_not_merged(two_tiny_models, tmp_path):
+def test_a_model_of_another_width_and_depth_merges_and_the_card_lists_each_towers_stages(two_tiny_models, tmp_path):
     from training.merge import merge
     from training.train import TrainConfig, train
-    from vision.errors import ModelError
 
-    train(TrainConfig(EXAMPLES, tmp_path / "wide", epochs=1, size=64, batch_size=8, val_fraction=0.25, width=16,
-                      cache_dir=tmp_path / "cache", command="pytest wide"))
+    train(TrainConfig(EXAMPLES, tmp_path / "deep", epochs=1, size=64, batch_size=8, val_fraction=0.25, width=16,
+                      convs=(1, 2, 2, 3), cache_dir=tmp_path / "cache", command="pytest deep"))
+    card = merge([two_tiny_models["one"], tmp_path / "deep.keras"], tmp_path / "both", command="pytest both")
 
-    with pytest.raises(ModelError, match="have different conv stages"):
-        merge([two_tiny_models["one"], tmp_path / "wide.keras"], tmp_path / "m")
+    assert card["tower_stages"] == [stages_for(8), stages_for(16, convs=(1, 2, 2, 3))]
+    assert card["gradcam_resolution"] == [8, 8]
 
 
 def test_convs_set_the_conv_blocks_of_each_stage():

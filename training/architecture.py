@@ -50,12 +50,18 @@ def conv_block(x, filters: int, name: str, dilation: int = 1):
     return layers.ReLU(name=name)(x)
 
 
+def block_names(stages, prefix: str = "", last: str = GRADCAM_LAYER) -> list[list[str]]:
+    """Each stage's conv block names: the last block is `last`, the others `{prefix}s{stage}c{conv}`."""
+    names = [[f"{prefix}s{s}c{c}" for c in range(stage[1])] for s, stage in enumerate(stages)]
+    names[-1][-1] = last
+    return names
+
+
 def conv_stack(x, stages, prefix: str = "", last: str = GRADCAM_LAYER):
-    """The conv blocks of one network; its last block is named `last`, the others `{prefix}s{stage}c{conv}`."""
-    for s, (filters, convs, *dilations) in enumerate(stages):
-        for c in range(convs):
-            final = s == len(stages) - 1 and c == convs - 1
-            x = conv_block(x, filters, last if final else f"{prefix}s{s}c{c}", dilations[0][c] if dilations else 1)
+    """The conv blocks of one network, named by `block_names`."""
+    for s, ((filters, convs, *dilations), names) in enumerate(zip(stages, block_names(stages, prefix, last))):
+        for c, name in enumerate(names):
+            x = conv_block(x, filters, name, dilations[0][c] if dilations else 1)
         if s < len(stages) - 1:
             x = layers.MaxPooling2D(2, name=f"{prefix}s{s}_pool")(x)
     return x
@@ -106,27 +112,29 @@ def merge_towers(models: list, input_size: int, stages) -> keras.Model:
     (kernels stacked and divided by k, biases averaged), so the ensemble keeps one named logits layer and
     its Grad-CAM map is the mean of the networks' weighted feature maps. A model that already has k towers
     joins as k networks: tower i's logits are k times its rows of the head, plus the head's bias, whose
-    mean over the towers is that model's logits. `stages` is every tower's, or a list with one per tower (towers
-    may differ in dilation, not in their layers' names or their last stage's filters).
+    mean over the towers is that model's logits. `stages` is every tower's, or a list with one per tower, in
+    the order of the models' towers: towers may differ in width, depth and dilation, since every one ends on the
+    same grid (1/8 of the input).
     """
     import numpy as np
 
     classes = models[0].get_layer("logits").units
     counts = [towers_of(model) for model in models]
-    own = per_tower(stages, sum(counts))  # training.merge.check_mergeable has checked that their layouts agree
+    own = per_tower(stages, sum(counts))
     merged = build_model(input_size, classes, own, towers=sum(counts))
-    reference = build_model(input_size, classes, own[0])
-    names = [layer.name for layer in reference.layers if isinstance(layer, (layers.Conv2D, layers.BatchNormalization))]
-    features = own[0][-1][0]
     kernels, bias, j = [], 0.0, 0
     for model, k in zip(models, counts):
         kernel, model_bias = model.get_layer("logits").get_weights()
         bias = bias + k * model_bias
+        row = 0
         for i in range(k):
-            for name in names:
-                source = model.get_layer(name if k == 1 else tower_layer_name(name, i))
-                merged.get_layer(tower_layer_name(name, j)).set_weights(source.get_weights())
-            kernels.append(k * kernel[i * features : (i + 1) * features])
+            for name in (block for stage in block_names(own[j]) for block in stage):
+                for suffix in ("_conv", "_bn"):
+                    source = model.get_layer(name + suffix if k == 1 else tower_layer_name(name + suffix, i))
+                    merged.get_layer(tower_layer_name(name + suffix, j)).set_weights(source.get_weights())
+            features = own[j][-1][0]
+            kernels.append(k * kernel[row : row + features])
+            row += features
             j += 1
     merged.get_layer("logits").set_weights([np.concatenate(kernels, axis=0) / j, bias / j])
     return merged

@@ -29,11 +29,6 @@ def tower_stages(card: dict) -> list:
     return [stages_of(card)] * card.get("towers", 1)
 
 
-def layout(stages) -> tuple:
-    """What towers must share to be merged: their layers, filters and convs; dilation may differ."""
-    return tuple(stage[:2] for stage in stages)
-
-
 def check_mergeable(cards: list[dict], names: list[str]) -> None:
     """Raise ModelError naming the first field on which the models disagree."""
     for key in SHARED:
@@ -41,9 +36,6 @@ def check_mergeable(cards: list[dict], names: list[str]) -> None:
             if card[key] != cards[0][key]:
                 raise ModelError(f"{name} and {names[0]} differ in {key}: only models trained on the same split "
                                  "with the same preprocessing can be merged")
-    for card, name in zip(cards, names):
-        if {layout(s) for s in tower_stages(card)} != {layout(stages_of(cards[0]))}:
-            raise ModelError(f"{name} and {names[0]} have different conv stages")
 
 
 def card_towers(card: dict) -> list[dict]:
