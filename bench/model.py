@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from vision.preprocess import prepare_bytes
-    from vision.runtime import Runtime
+    from vision.runtime import Runtime, cpu_description
 
     rt = Runtime(args.model, warm_batch=args.batch)
     scans = sorted((Path(__file__).resolve().parent.parent / "examples" / "scans").glob("*/*.jpg"))
@@ -49,19 +48,9 @@ def main() -> None:
         "parameters": rt.model.card.get("parameters"), "flops_per_scan": rt.model.card.get("flops_per_scan"),
         "forward_scans_per_s": round(forward, 1), "forward_gradcam_scans_per_s": round(with_cam, 1),
         "gradcam_cost_ratio": round(forward / with_cam, 3),
-        "device": "GPU" if rt.gpus else f"CPU ({os.cpu_count()} cores, {platform.machine()}, {cpu_features()})",
+        "device": "GPU" if rt.gpus else f"CPU ({cpu_description()})",
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
     }))
-
-
-def cpu_features() -> str:
-    """The vector extensions that decide TensorFlow's CPU speed (oneDNN defaults on only with AVX-512/AMX)."""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "flags unknown"
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
-    return "+".join(f for f in wanted if f in flags) or "no AVX2"
 
 
 if __name__ == "__main__":

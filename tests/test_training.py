@@ -7,6 +7,7 @@ import pytest
 
 from training.data import cached_arrays, labelled_examples, split
 from vision.preprocess import DEFAULTS, prepare_bytes
+from vision.runtime import cpu_description
 from tests.conftest import EXAMPLES
 
 
@@ -73,6 +74,7 @@ def test_tiny_training_writes_model_card_and_plots(tiny_model):
     assert set(card["train_sha256"]).isdisjoint(card["validation_sha256"])
     assert len(card["history"]) == 1 and card["training_command"] == "pytest tiny model"
     assert card["split_seed"] == card["seed"]
+    assert card["hardware"] == f"CPU: {cpu_description()}"
     assert (tiny_model.parent / "tiny-curves.png").stat().st_size > 0
     assert (tiny_model.parent / "tiny-confusion.png").stat().st_size > 0
 

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import shutil
 import signal
 import time
@@ -17,6 +15,7 @@ from jobs.metrics import classification_metrics
 from training import data as tdata
 from training import defaults
 from vision.preprocess import DEFAULTS
+from vision.runtime import cpu_description
 
 
 @dataclass
@@ -71,7 +70,7 @@ def setup_devices(precision: str = "auto") -> tuple[str, str]:
     keras.mixed_precision.set_global_policy(precision)
     if gpus:
         return f"{len(gpus)} GPU(s): " + ", ".join(g.name for g in gpus), precision
-    return f"CPU: {os.cpu_count()} cores, {platform.processor() or platform.machine()}", precision
+    return f"CPU: {cpu_description()}", precision
 
 
 class EpochLog:

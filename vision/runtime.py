@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import platform
 
 import numpy as np
 
@@ -11,6 +12,26 @@ from vision.modelio import load_model
 def cpu_share(cpu_threads: int | None = None) -> int:
     """The cores this process may use: cpu_threads, else BRAINSCAN_CPU_THREADS, else all of them."""
     return cpu_threads or int(os.environ.get("BRAINSCAN_CPU_THREADS") or os.cpu_count() or 1)
+
+
+# The extensions that decide TensorFlow's CPU speed: oneDNN defaults on only with AVX-512 VNNI/BF16 or AMX, and
+# mixed bfloat16 pays off only with AVX512-BF16 or AMX.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+
+
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's cores, model name and speed-deciding vector extensions, e.g. "2 cores, AMD EPYC, avx2+avx512f"."""
+    try:
+        lines = open(cpuinfo).read().splitlines()
+    except OSError:
+        return f"{os.cpu_count()} cores, {platform.machine()}, flags unknown"
+
+    def field(key: str) -> str:
+        return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == key), "")
+
+    flags = field("flags").split()
+    features = "+".join(f for f in CPU_FEATURES if f in flags) or "no AVX2"
+    return f"{os.cpu_count()} cores, {field('model name') or platform.machine()}, {features}"
 
 
 def configure_devices(cpu_threads: int | None = None) -> list:
