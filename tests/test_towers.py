@@ -46,6 +46,13 @@ def towers():
     return networks, merge_towers(networks, 64, STAGES), scans, logits
 
 
+@pytest.fixture(scope="module")
+def deep(towers):
+    """A random network of another width and depth, and its logits on the towers' scans."""
+    network = random_network(6, DEEP)
+    return network, logits_of(network, towers[2])
+
+
 def test_merged_logits_are_the_mean_of_the_networks_logits(towers):
     _, merged, scans, logits = towers
     merged_logits = logits_of(merged, scans)
@@ -75,10 +82,9 @@ def test_a_dilated_network_merges_with_a_plain_one_as_the_mean_of_their_logits(t
     np.testing.assert_allclose(out, (logits[0] + dilated_logits) / 2, rtol=1e-4, atol=1e-4)
 
 
-def test_networks_of_different_widths_and_depths_merge_as_the_mean_of_their_logits(towers):
+def test_networks_of_different_widths_and_depths_merge_as_the_mean_of_their_logits(towers, deep):
     networks, _, scans, logits = towers
-    other = random_network(6, DEEP)
-    other_logits = logits_of(other, scans)
+    other, other_logits = deep
     both = merge_towers([networks[0], other], 64, [STAGES, DEEP])
     out = logits_of(both, scans)
 
@@ -86,10 +92,9 @@ def test_networks_of_different_widths_and_depths_merge_as_the_mean_of_their_logi
     np.testing.assert_allclose(out, (logits[0] + other_logits) / 2, rtol=1e-4, atol=1e-4)
 
 
-def test_a_model_with_towers_of_different_widths_merges_as_each_of_its_towers(towers):
+def test_a_model_with_towers_of_different_widths_merges_as_each_of_its_towers(towers, deep):
     networks, _, scans, logits = towers
-    other = random_network(6, DEEP)
-    other_logits = logits_of(other, scans)
+    other, other_logits = deep
     three = merge_towers([merge_towers([other, networks[0]], 64, [DEEP, STAGES]), networks[1]], 64,
                          [DEEP, STAGES, STAGES])
     out = logits_of(three, scans)

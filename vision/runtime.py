@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 import numpy as np
 
@@ -22,7 +23,7 @@ CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
 def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's cores, model name and speed-deciding vector extensions, e.g. "2 cores, AMD EPYC, avx2+avx512f"."""
     try:
-        lines = open(cpuinfo).read().splitlines()
+        lines = Path(cpuinfo).read_text().splitlines()
     except OSError:
         return f"{os.cpu_count()} cores, {platform.machine()}, flags unknown"
 
