@@ -394,12 +394,20 @@ def migrate():
                    "repeat each class's rare clusters up to this many times per epoch.")
 @click.option("--init", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Start from this trained model's weights (fine-tuning; same --size and --width, one tower).")
+@click.option("--teacher", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Also learn from this trained model's logits (distillation; same split and preprocessing), "
+                   "e.g. a multi-tower model distilled into one network.")
+@click.option("--distil-temperature", default=train_defaults.DISTIL_TEMPERATURE, show_default=True,
+              help="With --teacher: temperature that softens the teacher's and the network's class scores.")
+@click.option("--distil-weight", default=train_defaults.DISTIL_WEIGHT, show_default=True,
+              help="With --teacher: share of the loss that follows the teacher rather than the labels.")
 @click.option("--learning-rate", default=train_defaults.LEARNING_RATE, show_default=True,
               help="Peak of the warm-up + cosine schedule.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint.")
 @domain_errors
 def train(data, out, epochs, batch_size, size, width, dilate, convs, towers, seed, split_seed, val_fraction, precision,
-          equalise, gamma, invert, gin, clean_epochs, downsize, oversample, balance, init, learning_rate, resume):
+          equalise, gamma, invert, gin, clean_epochs, downsize, oversample, balance, init, teacher, distil_temperature,
+          distil_weight, learning_rate, resume):
     """Train the CNN on the class folders of DATA (a folder or .zip archive); write the model, card and plots.
 
     Example: python cli.py train ../shared/data/brain-tumor-mri/Training --out models/brainscan-v1
@@ -411,7 +419,8 @@ def train(data, out, epochs, batch_size, size, width, dilate, convs, towers, see
                       towers=towers, seed=seed, split_seed=split_seed,
                       val_fraction=val_fraction, precision=precision, equalise=equalise, gamma=gamma,
                       invert=invert, gin=gin, clean_epochs=clean_epochs, downsize=downsize, oversample=oversample,
-                      balance=balance, init=init, learning_rate=learning_rate, resume=resume,
+                      balance=balance, init=init, teacher=teacher, distil_temperature=distil_temperature,
+                      distil_weight=distil_weight, learning_rate=learning_rate, resume=resume,
                       command="python " + shlex.join(["cli.py", *sys.argv[1:]]))
     try:
         card = run_training(cfg)

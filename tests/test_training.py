@@ -335,7 +335,7 @@ def test_oversampled_epochs_hold_each_scan_as_often_as_it_repeats():
     x = np.arange(3, dtype=np.float32).reshape(3, 1, 1, 1)
     data = Prepared([], [], x, np.array([0, 1, 2]), x, np.array([0, 1, 2]),
                     twins=(x + 10, np.array([True, False, True])), repeats=np.array([1, 3, 1]))
-    x_epoch, y_epoch, (small, has) = data.epoch_arrays()
+    x_epoch, y_epoch, (small, has), _ = data.epoch_arrays()
 
     assert x_epoch.ravel().tolist() == [0, 1, 1, 1, 2]
     assert y_epoch.tolist() == [0, 1, 1, 1, 2]

@@ -304,7 +304,8 @@ def some_of(x, share: float, changed, seed: int):
 
 
 def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes: int, gamma: float = 0.0,
-             invert: float = 0.0, augmenting=None, twins=None, downsize: float = 0.0, gin: float = 0.0):
+             invert: float = 0.0, augmenting=None, twins=None, downsize: float = 0.0, gin: float = 0.0,
+             soft=None):
     """tf.data pipelines: shuffled and augmented for training, plain for validation.
 
     augmenting, a boolean tf.Variable, switches the training augmentation down to left-right flips while it
@@ -317,6 +318,8 @@ def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes
     gin > 0 is the share of training scans given a random contrast (random_contrast).
     twins, (arrays, mask) from downsized_twins, with downsize > 0: that share of the training scans that have
     a twin are shown as it, so a tumour is also seen with the small sources' resolution and JPEG artefacts.
+    soft, (train logits, validation logits) of a teacher (training.distil): each target row is the one-hot
+    label followed by the scan's teacher logits.
     """
     import tensorflow as tf
 
@@ -324,11 +327,14 @@ def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes
     flip = aug.get_layer("flip")
     augmenting = tf.constant(True) if augmenting is None else augmenting
 
-    def train_map(x, y, small=None, has_small=None):
-        x = tf.cast(x, tf.float32)
-        if small is not None:
-            chosen = tf.logical_and(has_small, tf.random.uniform([tf.shape(x)[0]], seed=seed + 8) < downsize)
-            x = tf.where(chosen[:, None, None, None], tf.cast(small, tf.float32), x)
+    def target(y, logits):
+        return tf.one_hot(y, classes) if logits is None else tf.concat([tf.one_hot(y, classes), logits], axis=1)
+
+    def train_map(row):
+        x = tf.cast(row["x"], tf.float32)
+        if "small" in row:
+            chosen = tf.logical_and(row["has_small"], tf.random.uniform([tf.shape(x)[0]], seed=seed + 8) < downsize)
+            x = tf.where(chosen[:, None, None, None], tf.cast(row["small"], tf.float32), x)
         x = tf.cond(augmenting, lambda: tf.clip_by_value(aug(x, training=True), 0.0, 1.0),
                     lambda: flip(x, training=True))
         if gamma > 0:
@@ -338,21 +344,23 @@ def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes
             x = some_of(x, invert, invert_head(x), seed + 7)
         if gin > 0:
             x = some_of(x, gin, random_contrast(x, seed), seed + 9)
-        return x, tf.one_hot(y, classes)
+        return x, target(row["y"], row.get("soft"))
 
-    def val_map(x, y):
-        return tf.cast(x, tf.float32), tf.one_hot(y, classes)
+    def val_map(row):
+        return tf.cast(row["x"], tf.float32), target(row["y"], row.get("soft"))
 
+    rows = {"x": x_train, "y": y_train}
     if twins is not None and downsize > 0:
-        source = tf.data.Dataset.from_tensor_slices((x_train, y_train, twins[0], twins[1]))
-    else:
-        source = tf.data.Dataset.from_tensor_slices((x_train, y_train))
+        rows.update(small=twins[0], has_small=twins[1])
+    val_rows = {"x": x_val, "y": y_val}
+    if soft is not None:
+        rows["soft"], val_rows["soft"] = soft
     train = (
-        source
+        tf.data.Dataset.from_tensor_slices(rows)
         .shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True)
         .batch(batch_size, drop_remainder=True)
         .map(train_map, num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )
-    val = tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(128).map(val_map).prefetch(2)
+    val = tf.data.Dataset.from_tensor_slices(val_rows).batch(128).map(val_map).prefetch(2)
     return train, val

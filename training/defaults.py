@@ -8,3 +8,5 @@ LEARNING_RATE = 2e-3  # peak of the warm-up + cosine schedule
 WIDTH = 32  # filters of the first conv stage; later stages double it (24 until 2026-12-03)
 SEED = 1337
 VAL_FRACTION = 0.15
+DISTIL_TEMPERATURE = 4.0  # Hinton et al.'s range (2-5): softens a confident teacher enough to show its runner-up classes
+DISTIL_WEIGHT = 0.8  # share of the loss that follows the teacher; the rest follows the label-smoothed labels

@@ -13,7 +13,7 @@ import numpy as np
 from jobs.labels import CLASSES
 from jobs.metrics import classification_metrics
 from training import data as tdata
-from training import defaults
+from training import defaults, distil
 from vision.preprocess import DEFAULTS
 from vision.runtime import cpu_description
 
@@ -36,6 +36,9 @@ class TrainConfig:
     oversample: int = 1  # > 1: scans of their class's rare size group (data.rare_source_repeats) shown that often
     balance: int = 1  # > 1: rare intensity groups within a class repeated up to that often (data.balanced_repeats)
     init: Path | None = None  # a trained model whose weights this run starts from (fine-tuning)
+    teacher: Path | None = None  # a trained model whose logits this run also learns from (training.distil)
+    distil_temperature: float = defaults.DISTIL_TEMPERATURE
+    distil_weight: float = defaults.DISTIL_WEIGHT
     ema_momentum: float = 0.998  # about 3.4 epochs of 146 steps; 0 turns the weight average off
     # auto: mixed float16 on GPUs, float32 on CPUs. mixed_bfloat16 trains 1.8x faster per step on a CPU with
     # AMX (the Intel machine of earlier sessions) and 1.3x on an AMD EPYC with AVX512-BF16 (1.25 against 1.67 s
@@ -228,14 +231,17 @@ class Prepared:
     y_val: np.ndarray
     twins: tuple | None = None  # (arrays, mask) of downsized copies of the training scans, with --downsize
     repeats: np.ndarray | None = None  # times each training scan is shown per epoch, with --oversample/--balance
+    soft: tuple | None = None  # (training, validation) logits of the --teacher
 
     def epoch_arrays(self) -> tuple:
-        """Training arrays, labels and twins with every scan repeated as often as it is shown per epoch."""
+        """Training arrays, labels, twins and teacher logits with every scan repeated as often as it is shown
+        per epoch."""
         if self.repeats is None:
-            return self.x_train, self.y_train, self.twins
+            return self.x_train, self.y_train, self.twins, self.soft
         idx = np.repeat(np.arange(len(self.x_train)), self.repeats)
         twins = (self.twins[0][idx], self.twins[1][idx]) if self.twins else None
-        return self.x_train[idx], self.y_train[idx], twins
+        soft = (self.soft[0][idx], self.soft[1]) if self.soft else None
+        return self.x_train[idx], self.y_train[idx], twins, soft
 
 
 @dataclass
@@ -272,7 +278,13 @@ def prepare(cfg: TrainConfig, params: dict) -> Prepared:
               flush=True)
     if cfg.balance > 1:
         repeats = (repeats if repeats is not None else 1) * intensity_repeats(cfg, train_ex, x_train, y_train, params)
-    return Prepared(train_ex, val_ex, x_train, y_train, x_val, tdata.label_indices(val_ex), twins, repeats)
+    soft = None
+    if cfg.teacher:
+        t0 = time.time()
+        soft = tuple(distil.teacher_logits(cfg.teacher, params, {e.sha256 for e in val_ex}, x_train, x_val))
+        print(f"teacher {cfg.teacher}: logits of {len(x_train)} training and {len(x_val)} validation scans in "
+              f"{time.time() - t0:.0f}s", flush=True)
+    return Prepared(train_ex, val_ex, x_train, y_train, x_val, tdata.label_indices(val_ex), twins, repeats, soft)
 
 
 def intensity_repeats(cfg: TrainConfig, train_ex: list, x_train: np.ndarray, labels: np.ndarray,
@@ -309,12 +321,12 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
     t0 = time.time()
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(seed)
-    x_train, y_train, twins = data.epoch_arrays()
+    x_train, y_train, twins, soft = data.epoch_arrays()
     batch_size = min(cfg.batch_size, len(x_train))  # a tiny data set still makes one batch per epoch
     augmenting = tf.Variable(True, trainable=False)
     train_ds, val_ds = tdata.datasets(x_train, y_train, data.x_val, data.y_val, batch_size, seed,
                                       len(CLASSES), gamma=cfg.gamma, invert=cfg.invert, augmenting=augmenting,
-                                      twins=twins, downsize=cfg.downsize, gin=cfg.gin)
+                                      twins=twins, downsize=cfg.downsize, gin=cfg.gin, soft=soft)
     model = build_model(cfg.size, len(CLASSES), stages=stages)
     if cfg.init:
         start_from(model, cfg.init)
@@ -359,17 +371,24 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
 
 
 def compile_network(model, cfg: TrainConfig, steps: int) -> None:
-    """AdamW with weight decay and a weight average, warm-up then cosine over `steps`, label-smoothed loss."""
+    """AdamW with weight decay and a weight average, warm-up then cosine over `steps`, label-smoothed loss
+    (with a --teacher, the distillation loss)."""
     import keras
 
+    classes = model.output.shape[-1]
+    if cfg.teacher:
+        loss = distil.distillation_loss(classes, cfg.distil_temperature, cfg.distil_weight, cfg.label_smoothing)
+        metric = distil.label_accuracy(classes)
+    else:
+        loss, metric = keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing), "accuracy"
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, steps, warmup_target=cfg.learning_rate, warmup_steps=max(1, steps // 20)
     )
     model.compile(
         optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, use_ema=cfg.ema_momentum > 0,
                                          ema_momentum=cfg.ema_momentum or 0.99),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-        metrics=["accuracy"],
+        loss=loss,
+        metrics=[metric],
     )
 
 
@@ -464,9 +483,12 @@ def train(cfg: TrainConfig) -> dict:
         "hardware": hardware,
         "keras_version": keras.__version__,
         **init_fields(cfg.init),
+        **(distil.teacher_fields(cfg.teacher, cfg.distil_temperature, cfg.distil_weight) if cfg.teacher else {}),
     }
-    if cfg.init:  # the model it started from is part of this one's training cost
-        card["wall_time_seconds"] = round(card["wall_time_seconds"] + card["init_model"]["wall_time_seconds"], 1)
+    # The model it started from, or learnt from, is part of this one's training cost.
+    for source in ("init_model", "teacher"):
+        if source in card:
+            card["wall_time_seconds"] = round(card["wall_time_seconds"] + card[source]["wall_time_seconds"], 1)
     return write_outputs(model, out, card)
 
 
