@@ -56,7 +56,7 @@ def teacher_fields(teacher: Path, temperature: float, weight: float) -> dict:
 
 
 def distillation_loss(classes: int, temperature: float, weight: float, label_smoothing: float):
-    """A Keras loss over targets() rows: labels in the first `classes` columns, the teacher's logits after them.
+    """A Keras loss over the target rows of datasets(soft=...): the labels, then the teacher's logits.
 
     The network's outputs are probabilities; their logarithm is its logits less a per-row constant, which the
     tempered softmax ignores.
@@ -77,7 +77,7 @@ def distillation_loss(classes: int, temperature: float, weight: float, label_smo
 
 
 def label_accuracy(classes: int):
-    """Accuracy against the labels of targets() rows, named as Keras's own so histories keep their keys."""
+    """Accuracy against the labels in datasets(soft=...) rows, named as Keras's own so histories keep their keys."""
     import keras
 
     def accuracy(y_true, y_pred):
