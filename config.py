@@ -12,6 +12,10 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "models" / "brainscan-v1.keras"
 
 
+# How a worker serves the model (vision.precision): auto is mixed bfloat16 where the CPU runs it natively.
+PRECISIONS = ("auto", "float32", "mixed_bfloat16")
+
+
 class SettingsError(ValueError):
     """An environment variable holds a value brainscan cannot use."""
 
@@ -24,6 +28,14 @@ def _int(name: str, default: int) -> int:
         return int(raw)
     except ValueError as exc:
         raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _choice(name: str, choices: tuple[str, ...]) -> str:
+    """One of `choices`, the first being the default."""
+    raw = os.environ.get(name) or choices[0]
+    if raw not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
 
 
 def _paths(name: str) -> tuple[str, ...]:
@@ -48,6 +60,7 @@ class Settings:
     queue: str
     schedule_cron: str
     archives: tuple[str, ...]
+    precision: str = "auto"
 
     @property
     def embedded(self) -> bool:
@@ -74,4 +87,5 @@ def load_settings() -> Settings:
         # The nightly scheduler (`cli.py beat`) submits every archive root on this cron expression.
         schedule_cron=os.environ.get("BRAINSCAN_SCHEDULE_CRON") or "0 1 * * *",
         archives=_paths("BRAINSCAN_ARCHIVES"),
+        precision=_choice("BRAINSCAN_PRECISION", PRECISIONS),
     )

@@ -1,6 +1,7 @@
 """Model throughput on this machine: forward-only vs forward + batched Grad-CAM, scans/s, one JSON line.
 
 Usage: python bench/model.py [--model models/brainscan-v1.keras] [--batch 64] [--repeats 10]
+                             [--precision auto[,float32,mixed_bfloat16]]   (one line per precision, in one run)
 """
 from __future__ import annotations
 
@@ -32,12 +33,18 @@ def main() -> None:
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--precision", default="auto", help="comma-separated serving precisions to measure")
     args = parser.parse_args()
+    for precision in args.precision.split(","):
+        measure(args, precision)
 
+
+def measure(args, precision: str) -> None:
+    """Print one JSON line of rates for the model served in `precision`."""
     from vision.preprocess import prepare_bytes
     from vision.runtime import Runtime, cpu_description
 
-    rt = Runtime(args.model, warm_batch=args.batch)
+    rt = Runtime(args.model, warm_batch=args.batch, precision=precision)
     scans = sorted((Path(__file__).resolve().parent.parent / "examples" / "scans").glob("*/*.jpg"))
     arrays = [prepare_bytes(p.read_bytes(), rt.preprocessing).array for p in scans]
     batch = np.stack([arrays[i % len(arrays)] for i in range(args.batch)])
@@ -47,7 +54,7 @@ def main() -> None:
         "model": Path(args.model).name, "model_sha256": rt.sha256[:12], "batch": args.batch,
         "parameters": rt.model.card.get("parameters"), "flops_per_scan": rt.model.card.get("flops_per_scan"),
         "forward_scans_per_s": round(forward, 1), "forward_gradcam_scans_per_s": round(with_cam, 1),
-        "gradcam_cost_ratio": round(forward / with_cam, 3),
+        "gradcam_cost_ratio": round(forward / with_cam, 3), "precision": rt.precision,
         "device": "GPU" if rt.gpus else f"CPU ({cpu_description()})",
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
     }))

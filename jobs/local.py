@@ -21,11 +21,11 @@ from jobs.submission import batches
 _RUNTIME = None
 
 
-def _init(model_path: str, threads: int) -> None:
+def _init(model_path: str, threads: int, precision: str) -> None:
     global _RUNTIME
     from vision.runtime import Runtime
 
-    _RUNTIME = Runtime(model_path, cpu_threads=threads)
+    _RUNTIME = Runtime(model_path, cpu_threads=threads, precision=precision)
 
 
 def _batch(url: str, job_id: int, ids: list[int], max_attempts: int, lease_seconds: int) -> dict:
@@ -58,7 +58,7 @@ def run_local(settings: Settings, job_id: int, workers: int | None = None, on_ba
         # After a crash every remaining scan was leased by a process that is gone.
         release_leases(url, pending)
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_init,
-                                 initargs=(str(settings.model_path), threads)) as pool:
+                                 initargs=(str(settings.model_path), threads, settings.precision)) as pool:
             futures = [pool.submit(_batch, url, job_id, ids, settings.max_attempts, settings.lease_seconds)
                        for ids in batches(pending, batch_size)]
             try:

@@ -136,3 +136,25 @@ def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def mixed_batch():
+    """A random-weight net on the 16 real scans, its head set so that they fall into several classes."""
+    import keras
+    import numpy as np
+
+    from training.architecture import GRADCAM_LAYER, build_model
+    from vision.gradcam import Explainer
+    from vision.preprocess import DEFAULTS, prepare_bytes
+
+    keras.utils.set_random_seed(3)
+    model = build_model(64, 4)
+    scans = np.stack([prepare_bytes(p.read_bytes(), dict(DEFAULTS, size=64)).array
+                      for p in sorted(EXAMPLES.glob("*/*.jpg"))])
+    # Untrained pooled features barely differ between scans: standardise them inside the dense head.
+    pooled = keras.Model(model.inputs, model.get_layer("gap").output)(scans).numpy()
+    mean, std = pooled.mean(axis=0), pooled.std(axis=0) + 1e-6
+    directions = np.random.default_rng(0).normal(size=(pooled.shape[1], 4)).astype(np.float32)
+    model.get_layer("logits").set_weights([directions / std[:, None], -(mean / std) @ directions])
+    return Explainer(model, GRADCAM_LAYER), scans, model

@@ -20,19 +20,27 @@ def cpu_share(cpu_threads: int | None = None) -> int:
 CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
 
 
-def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The CPU's cores, model name and speed-deciding vector extensions, e.g. "2 cores, AMD EPYC, avx2+avx512f"."""
+def cpu_field(key: str, cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The first CPU's `key` line in cpuinfo ("" if absent), or None where cpuinfo cannot be read."""
     try:
         lines = Path(cpuinfo).read_text().splitlines()
     except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == key), "")
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's instruction-set flags; empty where cpuinfo cannot be read."""
+    return set((cpu_field("flags", cpuinfo) or "").split())
+
+
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's cores, model name and speed-deciding vector extensions, e.g. "2 cores, AMD EPYC, avx2+avx512f"."""
+    if cpu_field("flags", cpuinfo) is None:
         return f"{os.cpu_count()} cores, {platform.machine()}, flags unknown"
-
-    def field(key: str) -> str:
-        return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == key), "")
-
-    flags = field("flags").split()
+    flags = cpu_flags(cpuinfo)
     features = "+".join(f for f in CPU_FEATURES if f in flags) or "no AVX2"
-    return f"{os.cpu_count()} cores, {field('model name') or platform.machine()}, {features}"
+    return f"{os.cpu_count()} cores, {cpu_field('model name', cpuinfo) or platform.machine()}, {features}"
 
 
 def configure_devices(cpu_threads: int | None = None) -> list:
@@ -56,21 +64,27 @@ def configure_devices(cpu_threads: int | None = None) -> list:
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    except RuntimeError:
+        pass  # TensorFlow already ran in this process (a test, a notebook): its pools stay as they are
     return [gpu.name for gpu in gpus]
 
 
 class Runtime:
     """Loaded model + batched Grad-CAM; one per worker process."""
 
-    def __init__(self, model_path, cpu_threads: int | None = None, warm_batch: int = 32):
+    def __init__(self, model_path, cpu_threads: int | None = None, warm_batch: int = 32, precision: str | None = None):
         self.gpus = configure_devices(cpu_threads)
         self.threads = cpu_share(cpu_threads)  # also how many scans it decodes at once
         from vision.gradcam import Explainer
+        from vision.precision import serving_precision, with_precision
 
+        self.precision = serving_precision(precision, self.gpus, cpu_flags())
         self.model = load_model(model_path)
-        self.explainer = Explainer(self.model.keras_model, self.model.card["gradcam_layer"])
+        served = with_precision(self.model.keras_model, self.precision)
+        self.explainer = Explainer(served, self.model.card["gradcam_layer"])
         size = self.model.card["input_size"]
         # Warm up on the batch shape the worker will see, so the first real batch pays no tracing cost.
         self.explainer(np.zeros((warm_batch, size, size, 1), np.float32))

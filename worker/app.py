@@ -52,7 +52,7 @@ def load_model(**_) -> None:
     dispose_engines()
     concurrency = int(os.environ.get("BRAINSCAN_WORKER_CONCURRENCY") or 1)
     threads = max(1, (os.cpu_count() or 1) // concurrency)
-    RUNTIME = Runtime(settings.model_path, cpu_threads=threads)
+    RUNTIME = Runtime(settings.model_path, cpu_threads=threads, precision=settings.precision)
 
 
 def runtime():
@@ -61,7 +61,7 @@ def runtime():
     if RUNTIME is None:  # solo pool or a task run in-process: load on first use
         from vision.runtime import Runtime
 
-        RUNTIME = Runtime(settings.model_path)
+        RUNTIME = Runtime(settings.model_path, precision=settings.precision)
     return RUNTIME
 
 
