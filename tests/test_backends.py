@@ -17,7 +17,8 @@ import keras
 from vision.preprocess import prepare_bytes
 from vision.runtime import Runtime
 
-rt = Runtime(sys.argv[1])
+# float32: backends agree to 1e-5 there; bfloat16 (auto on some CPUs) rounds differently in each
+rt = Runtime(sys.argv[1], precision="float32")
 paths = sorted(Path(sys.argv[2]).glob("*/*.jpg"))[:13]
 scans = np.stack([prepare_bytes(p.read_bytes(), rt.preprocessing).array for p in paths])
 probs, cams = rt.explain(scans)
