@@ -54,10 +54,11 @@ def bare_rate(model: str, folder: Path, batch: int) -> float:
     """Forward + Grad-CAM on the scans already decoded and preprocessed, in batches like the pipeline."""
     import numpy as np
 
+    from config import load_settings
     from vision.preprocess import prepare_bytes
     from vision.runtime import Runtime
 
-    rt = Runtime(model, warm_batch=batch)
+    rt = Runtime(model, warm_batch=batch, precision=load_settings().precision)  # as `run` and the worker serve
     arrays = np.stack([prepare_bytes(p.read_bytes(), rt.preprocessing).array for p in sorted(folder.rglob("*.jpg"))])
     rt.explain(arrays[len(arrays) - len(arrays) % batch :] if len(arrays) % batch else arrays[:batch])
     # The short last batch is a second shape: compiled here, as a warm worker has it, not inside the timing.
