@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from config import PRECISIONS
 
-# Only these run bfloat16 convolutions natively; elsewhere oneDNN emulates them, slower than float32.
+# Only these run bfloat16 arithmetic in hardware; elsewhere it is converted in software (not measured here), so
+# auto keeps float32 there.
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # The head stays float32 so probabilities and Grad-CAM weights read the logits at full precision.
 FLOAT32_LAYERS = ("logits",)
