@@ -2,11 +2,9 @@
 import numpy as np
 import pytest
 
-from training.architecture import GRADCAM_LAYER, build_model
+from training.architecture import GRADCAM_LAYER
 from vision.errors import ModelError
 from vision.gradcam import Explainer, padded_size
-from vision.preprocess import DEFAULTS, prepare_bytes
-from tests.conftest import EXAMPLES
 
 
 def gradient_grad_cam(model, scans, classes):

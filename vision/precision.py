@@ -29,7 +29,7 @@ def with_precision(keras_model, precision: str):
 
     def recast(layer):
         config = layer.get_config()
-        if layer.name not in FLOAT32_LAYERS and not isinstance(layer, (keras.layers.InputLayer, keras.layers.Softmax)):
+        if layer.name not in FLOAT32_LAYERS and not isinstance(layer, keras.layers.Softmax):
             config["dtype"] = precision
         return layer.__class__.from_config(config)
 

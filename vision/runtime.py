@@ -20,27 +20,32 @@ def cpu_share(cpu_threads: int | None = None) -> int:
 CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
 
 
-def cpu_field(key: str, cpuinfo: str = "/proc/cpuinfo") -> str | None:
-    """The first CPU's `key` line in cpuinfo ("" if absent), or None where cpuinfo cannot be read."""
+def cpu_fields(cpuinfo: str = "/proc/cpuinfo") -> dict[str, str] | None:
+    """The first CPU's lines in cpuinfo as {key: value}, or None where cpuinfo cannot be read."""
     try:
         lines = Path(cpuinfo).read_text().splitlines()
     except OSError:
         return None
-    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == key), "")
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
     """The CPU's instruction-set flags; empty where cpuinfo cannot be read."""
-    return set((cpu_field("flags", cpuinfo) or "").split())
+    return set((cpu_fields(cpuinfo) or {}).get("flags", "").split())
 
 
 def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's cores, model name and speed-deciding vector extensions, e.g. "2 cores, AMD EPYC, avx2+avx512f"."""
-    if cpu_field("flags", cpuinfo) is None:
+    fields = cpu_fields(cpuinfo)
+    if fields is None:
         return f"{os.cpu_count()} cores, {platform.machine()}, flags unknown"
-    flags = cpu_flags(cpuinfo)
+    flags = set(fields.get("flags", "").split())
     features = "+".join(f for f in CPU_FEATURES if f in flags) or "no AVX2"
-    return f"{os.cpu_count()} cores, {cpu_field('model name', cpuinfo) or platform.machine()}, {features}"
+    return f"{os.cpu_count()} cores, {fields.get('model name') or platform.machine()}, {features}"
 
 
 def configure_devices(cpu_threads: int | None = None) -> list:
