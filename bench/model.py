@@ -1,7 +1,8 @@
 """Model throughput on this machine: forward-only vs forward + batched Grad-CAM, scans/s, one JSON line.
 
 Usage: python bench/model.py [--model models/brainscan-v1.keras] [--batch 64] [--repeats 10]
-                             [--precision auto[,float32,mixed_bfloat16]]   (one line per precision, in one run)
+                             [--precision auto[,float32,mixed_bfloat16]] [--batchnorm folded[,kept]]
+One line per precision and batch-norm treatment, all in one run: `kept` serves the saved graph as it is.
 """
 from __future__ import annotations
 
@@ -34,17 +35,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--precision", default="auto", help="comma-separated serving precisions to measure")
+    parser.add_argument("--batchnorm", default="folded", help="folded (as served), kept, or both comma-separated")
     args = parser.parse_args()
     for precision in args.precision.split(","):
-        measure(args, precision)
+        for batchnorm in args.batchnorm.split(","):
+            measure(args, precision, batchnorm)
 
 
-def measure(args, precision: str) -> None:
-    """Print one JSON line of rates for the model served in `precision`."""
+def measure(args, precision: str, batchnorm: str) -> None:
+    """Print one JSON line of rates for the model served in `precision`, batch norm folded or kept."""
     from vision.preprocess import prepare_bytes
     from vision.runtime import Runtime, cpu_description
 
-    rt = Runtime(args.model, warm_batch=args.batch, precision=precision)
+    rt = Runtime(args.model, warm_batch=args.batch, precision=precision, fold=batchnorm == "folded")
     scans = sorted((Path(__file__).resolve().parent.parent / "examples" / "scans").glob("*/*.jpg"))
     arrays = [prepare_bytes(p.read_bytes(), rt.preprocessing).array for p in scans]
     batch = np.stack([arrays[i % len(arrays)] for i in range(args.batch)])
@@ -54,7 +57,7 @@ def measure(args, precision: str) -> None:
         "model": Path(args.model).name, "model_sha256": rt.sha256[:12], "batch": args.batch,
         "parameters": rt.model.card.get("parameters"), "flops_per_scan": rt.model.card.get("flops_per_scan"),
         "forward_scans_per_s": round(forward, 1), "forward_gradcam_scans_per_s": round(with_cam, 1),
-        "gradcam_cost_ratio": round(forward / with_cam, 3), "precision": rt.precision,
+        "gradcam_cost_ratio": round(forward / with_cam, 3), "precision": rt.precision, "batchnorm": batchnorm,
         "device": "GPU" if rt.gpus else f"CPU ({cpu_description()})",
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
     }))

@@ -158,3 +158,23 @@ def mixed_batch():
     directions = np.random.default_rng(0).normal(size=(pooled.shape[1], 4)).astype(np.float32)
     model.get_layer("logits").set_weights([directions / std[:, None], -(mean / std) @ directions])
     return Explainer(model, GRADCAM_LAYER), scans, model
+
+
+def random_network(seed: int, stages=None, size: int = 64):
+    """A random-weight net whose batch-norm statistics and head are random too, so that each maps."""
+    import keras
+    import numpy as np
+
+    from training.architecture import build_model, stages_for
+
+    keras.utils.set_random_seed(seed)
+    model = build_model(size, 4, stages=stages or stages_for(8))
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n), rng.normal(0, 0.1, n),
+                               rng.uniform(0.5, 2.0, n)])
+    head = model.get_layer("logits")
+    head.set_weights([rng.normal(size=head.kernel.shape), rng.normal(size=head.bias.shape)])
+    return model

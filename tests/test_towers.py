@@ -5,26 +5,9 @@ import pytest
 from training.architecture import GRADCAM_LAYER, build_model, merge_towers, stages_for
 from vision.gradcam import Explainer
 from vision.preprocess import DEFAULTS, prepare_bytes
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, random_network
 
 STAGES = stages_for(8)
-
-
-def random_network(seed: int, stages=STAGES, size: int = 64):
-    """A random-weight net whose batch-norm statistics and head are random too, so that each maps."""
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    model = build_model(size, 4, stages=stages)
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            n = layer.moving_mean.shape[0]
-            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n), rng.normal(0, 0.1, n),
-                               rng.uniform(0.5, 2.0, n)])
-    head = model.get_layer("logits")
-    head.set_weights([rng.normal(size=head.kernel.shape), rng.normal(size=head.bias.shape)])
-    return model
 
 
 def logits_of(model, scans) -> np.ndarray:
