@@ -61,6 +61,8 @@ class Result(Base):
     heatmap_height: Mapped[int] = mapped_column(Integer)
     heatmap_width: Mapped[int] = mapped_column(Integer)
     geometry: Mapped[dict] = mapped_column(JSON)  # {box: [l, t, r, b], width, height} on the scan's pixel grid
+    # float32 or mixed_bfloat16 (vision.precision); NULL for results made before revision 0003 recorded it.
+    served_in: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

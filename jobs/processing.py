@@ -153,7 +153,7 @@ def classify(url: str, runtime, job: Job, scans: list[Scan]) -> BatchOutcome:
                     "predicted_label": runtime.classes[int(np.argmax(probs[i]))],
                     "probabilities": [round(float(p), 6) for p in probs[i]],
                     "heatmap": cam.tobytes(), "heatmap_height": cam.shape[0], "heatmap_width": cam.shape[1],
-                    "geometry": prepared[sha].geometry(), "created_at": _now(),
+                    "geometry": prepared[sha].geometry(), "served_in": runtime.precision, "created_at": _now(),
                 })
             # A redelivered batch, or two jobs racing on the same bytes, keep the first result.
             insert_ignore(session, Result.__table__, rows, ["sha256", "model_sha256"])

@@ -52,6 +52,11 @@ def job_report(session: Session, job_id: int) -> dict:
     modalities = dict(session.execute(
         select(Scan.modality, func.count()).where(Scan.job_id == job_id, Scan.modality.is_not(None))
         .group_by(Scan.modality).order_by(Scan.modality)).all())
+    served_in = dict(session.execute(
+        select(func.coalesce(Result.served_in, "unrecorded"), func.count()).select_from(Scan)
+        .join(Result, Scan.result_id == Result.id)
+        .where(Scan.job_id == job_id, Scan.status == "done").group_by(Result.served_in).order_by(Result.served_in)
+    ).all())
     rows = labelled_rows(session, job_id)
     seen = seen_hashes(model.card)
     unseen_rows = [r for r in rows if r.sha256 not in seen]
@@ -74,6 +79,8 @@ def job_report(session: Session, job_id: int) -> dict:
         # DICOM: scans by modality, and objects without pixel data (SR, presentation states) not submitted.
         "modalities": modalities,
         "skipped": int(job.skipped or 0),
+        # Done scans by the precision their result was served in; cache hits keep the precision that made them.
+        "served_in": served_in,
     }
 
 
@@ -107,6 +114,10 @@ def format_table(report: dict) -> str:
         by_modality = ", ".join(f"{m} {n}" for m, n in report.get("modalities", {}).items()) or "none"
         lines.append(f"DICOM scans by modality: {by_modality}; {report.get('skipped', 0)} object(s) without "
                      "pixel data skipped at submit")
+    if len(report.get("served_in", {})) > 1:
+        # Answers agree only to about 0.001 in probability across precisions: say so where a job mixes them.
+        mixed = ", ".join(f"{p} {n}" for p, n in report["served_in"].items())
+        lines.append(f"results served in more than one precision: {mixed}")
     if not report["labelled"]:
         lines.append("no labelled scans: metrics need labels (class folders or --labels FILE.csv)")
     else:

@@ -321,7 +321,7 @@ def test_a_labels_file_may_name_dicom_objects_by_sop_instance_uid(tmp_path, fake
             create_job(session, folder, fake_model, 8, labels_csv=labels)
 
 
-def test_migration_0002_matches_the_models_and_downgrades(tmp_path):
+def test_migrations_match_the_models_and_downgrade(tmp_path):
     from alembic import command
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
@@ -333,7 +333,8 @@ def test_migration_0002_matches_the_models_and_downgrades(tmp_path):
     upgrade(url)
     with get_engine(url).connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-    command.downgrade(alembic_config(url), "0001")
+    for revision in ("0002", "0001"):
+        command.downgrade(alembic_config(url), revision)
     command.upgrade(alembic_config(url), "head")
 
 

@@ -132,3 +132,27 @@ def test_a_byte_identical_copy_in_the_same_batch_is_computed_once_and_counted_as
     assert rows[0][2] == rows[1][2]
     # The unlabelled scan is a copy of a pituitary example: two twins, 16 distinct contents, 16 results.
     assert (results, cached) == (16, 2)
+
+
+def test_each_result_records_the_precision_it_was_served_in(tiny_model, scan_folder, env_for):
+    settings, _ = env_for(tiny_model, BRAINSCAN_PRECISION="float32")
+    report = run_json("run", str(scan_folder))
+
+    with session_scope(settings.database_url) as s:
+        served = s.execute(select(Result.served_in, func.count()).group_by(Result.served_in)).all()
+    assert served == [("float32", 16)]  # 16 distinct contents among the 17 done scans
+    assert report["served_in"] == {"float32": 17}
+
+
+def test_a_job_whose_results_mix_precisions_says_so(tiny_model, scan_folder, env_for):
+    from PIL import Image
+
+    env_for(tiny_model, BRAINSCAN_PRECISION="float32")
+    run_json("run", str(scan_folder))
+    Image.open(scan_folder / "glioma" / "Tr-gl_0207.jpg").rotate(90).save(scan_folder / "glioma" / "new.png")
+    env_for(tiny_model, BRAINSCAN_PRECISION="mixed_bfloat16")
+    result = CliRunner().invoke(cli, ["run", str(scan_folder)], catch_exceptions=False)
+
+    # The 17 scans seen before are cache hits and keep the precision that computed them.
+    assert result.exit_code == 0, result.output
+    assert "results served in more than one precision: float32 17, mixed_bfloat16 1\n" in result.output
