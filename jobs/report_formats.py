@@ -72,6 +72,7 @@ def to_markdown(report: dict) -> str:
         f"- status: {report['status']}",
         f"- folder: `{report['folder']}`",
         f"- model: {report['model']} (`{report['model_sha256'][:12]}`)",
+        f"- served in: {', '.join(f'{p} {n}' for p, n in report.get('served_in', {}).items()) or 'no results yet'}",
         f"- scans: {report['scans']}, labelled: {report['labelled']}, unlabelled: {report['unlabelled']}, "
         f"failed: {report['failed']}, pending: {report['pending']}",
         f"- accuracy: {_md(report['accuracy'])}",

@@ -42,6 +42,7 @@ def outputs(tmp_path_factory):
         mp.delenv("BROKER_URL", raising=False)
         mp.setenv("BRAINSCAN_VAR", str(work / "var"))
         mp.setenv("BRAINSCAN_MODEL", str(model))
+        mp.setenv("BRAINSCAN_PRECISION", "float32")
         settings = load_settings()
         job = new_job(settings, folder)
         run_job(settings, job, workers=1)
@@ -126,6 +127,11 @@ def test_markdown_confusion_matrix_and_counts_carry_the_json_numbers(outputs, re
     assert f"- accuracy: {four(report['accuracy'])}" in text.splitlines()
     reasons = markdown_tables(text)["Failed scans by reason"]
     assert reasons[1:] == [[reason, str(n)] for reason, n in report["failures"].items()]
+
+
+def test_markdown_counts_the_scans_by_the_precision_they_were_served_in(outputs, report):
+    assert report["served_in"] == {"float32": 17}
+    assert "- served in: float32 17" in outputs["markdown"].splitlines()
 
 
 def test_markdown_says_when_no_labelled_scan_was_unseen(outputs):
