@@ -49,12 +49,12 @@ def export_job(session: Session, job_id: int, out: Path, progress=None) -> dict:
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "sha256", "true_label", "predicted_label", *[f"p_{c}" for c in classes],
-                         "status", "error", "model_sha256", *META_COLUMNS])
+                         "status", "error", "model_sha256", "served_in", *META_COLUMNS])
         for scan, result in rows:
             probs = result.probabilities if result else [""] * len(classes)
             writer.writerow([scan.path, scan.sha256, scan.true_label or "",
                              result.predicted_label if result else "", *probs, scan.status, scan.error or "",
-                             result.model_sha256 if result else "",
+                             result.model_sha256 if result else "", (result.served_in or "") if result else "",
                              *(getattr(scan, name) or "" for name in META_COLUMNS)])
             if result is not None:
                 try:

@@ -263,6 +263,7 @@ def _summary(report: dict, job: Job, model: Model) -> str:
     processed = report["scans"] - report["pending"]
     rate = processed / seconds if seconds else None
     val_n = len(card.get("validation_sha256", []))
+    served = ", ".join(f"{p} {n}" for p, n in report.get("served_in", {}).items())
     cards = [
         _card("scans", str(report["scans"]), field="scans", data=report["scans"]),
         _card("labelled", str(report["labelled"]), f"{report['unlabelled']} unlabelled (not in metrics)",
@@ -278,6 +279,8 @@ def _summary(report: dict, job: Job, model: Model) -> str:
         _card("model", e(model.name), f"{model.sha256[:12]} · validation accuracy "
               f"{_num(validation.get('accuracy'), 4)}, macro F1 {_num(val_f1, 4)}"
               f" on {val_n} scans", field="model", data=None),
+        _card("served in", e(served) or "no results yet", "the precision the model computed each result in",
+              field="served_in", data=served),
     ]
     return (f"<h1>brainscan report · job {report['job']}</h1>"
             f'<p class="sub">{e(report["status"])} · {e(report["folder"])}</p>'

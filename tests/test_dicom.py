@@ -377,7 +377,7 @@ def test_dicom_scans_classify_like_the_same_scans_as_png(tmp_path, tiny_model, e
     assert result.exit_code == 0, result.output
     with open(out / "results.csv", newline="") as fh:
         exported = {r["path"]: r for r in csv.DictReader(fh)}
-    assert list(next(iter(exported.values())))[-6:] == ["model_sha256", "study_instance_uid", "series_instance_uid",
+    assert list(next(iter(exported.values())))[-7:] == ["model_sha256", "served_in", "study_instance_uid", "series_instance_uid",
                                                          "sop_instance_uid", "modality", "series_description"]
     frame2 = exported["dicom/glioma/series3.dcm#frame=2"]
     assert (frame2["study_instance_uid"], frame2["modality"], frame2["series_description"]) == \

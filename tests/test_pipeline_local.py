@@ -64,7 +64,7 @@ def test_export_writes_csv_and_heatmaps_on_each_scans_pixel_grid(scan_folder, sh
     with open(out / "results.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["path", "sha256", "true_label", "predicted_label", *[f"p_{c}" for c in CLASSES],
-                             "status", "error", "model_sha256", "study_instance_uid", "series_instance_uid",
+                             "status", "error", "model_sha256", "served_in", "study_instance_uid", "series_instance_uid",
                              "sop_instance_uid", "modality", "series_description"]
     assert len(rows) == 18
     by_path = {r["path"]: r for r in rows}
@@ -156,3 +156,21 @@ def test_a_job_whose_results_mix_precisions_says_so(tiny_model, scan_folder, env
     # The 17 scans seen before are cache hits and keep the precision that computed them.
     assert result.exit_code == 0, result.output
     assert "results served in more than one precision: float32 17, mixed_bfloat16 1\n" in result.output
+
+
+def test_export_gives_each_row_the_precision_it_was_served_in(tiny_model, scan_folder, env_for, tmp_path):
+    env_for(tiny_model, BRAINSCAN_PRECISION="float32")
+    run_json("run", str(scan_folder))
+    Image.open(scan_folder / "glioma" / "Tr-gl_0207.jpg").rotate(90).save(scan_folder / "glioma" / "new.png")
+    env_for(tiny_model, BRAINSCAN_PRECISION="mixed_bfloat16")
+    job = run_json("run", str(scan_folder))["job"]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["export", str(job), "--out", str(out)], catch_exceptions=False)
+
+    assert result.exit_code == 0, result.output
+    with open(out / "results.csv", newline="") as fh:
+        served = {r["path"]: r["served_in"] for r in csv.DictReader(fh)}
+    assert served["glioma/new.png"] == "mixed_bfloat16"
+    assert served["glioma/truncated.jpg"] == ""  # failed: no result
+    assert sorted(set(served.values())) == ["", "float32", "mixed_bfloat16"]
+    assert list(served.values()).count("float32") == 17

@@ -233,6 +233,16 @@ def test_confusion_matrix_and_summary_equal_the_database(site):
     assert summary["seen_in_training"] == str(report["seen_in_training"]) == "16"
 
 
+def test_summary_counts_the_done_scans_by_the_precision_they_were_served_in(site):
+    dom = site["browsed"]["labelled"][0]
+    with session_scope(site["settings"].database_url) as s:
+        report = job_report(s, site["jobs"]["labelled"])
+        precisions = s.execute(select(Result.served_in).distinct()).scalars().all()
+    summary = {n.attrs["data-field"]: n.attrs["data-value"] for n in dom.find_all() if "data-field" in n.attrs}
+    assert len(precisions) == 1 and precisions[0] in ("float32", "mixed_bfloat16")  # `auto` picks by CPU
+    assert summary["served_in"] == f"{precisions[0]} 16"
+
+
 def test_seen_in_training_table_shows_overall_and_unseen_figures(site):
     dom = site["browsed"]["labelled"][0]
     with session_scope(site["settings"].database_url) as s:
