@@ -455,5 +455,26 @@ def merge(models, out, data):
                f"{v['accuracy']:.4f}, macro-F1 {v['macro_avg']['f1']:.4f}")
 
 
+@cli.command()
+@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@click.option("--model", type=click.Path(path_type=Path), help="Model file (default BRAINSCAN_MODEL).")
+@click.option("--scans", default=256, show_default=True, help="Training scans that calibrate the int8 ranges.")
+@click.option("--seed", default=0, show_default=True, help="Seed that draws the calibration scans.")
+@domain_errors
+def quantize(data, model, scans, seed):
+    """Write MODEL.int8.tflite, the model in int8 for BRAINSCAN_PRECISION=int8, calibrated on DATA's training scans.
+
+    Only scans of the model's training split calibrate (never validation scans); MODEL.int8.json records them.
+
+    Example: python cli.py quantize ../shared/data/brain-tumor-mri/Training --model models/brainscan-v1.keras
+    """
+    from training.quantize import quantize_model
+    from vision.int8 import int8_path
+
+    model = model or load_settings().model_path
+    made = quantize_model(model, data, scans, seed)
+    click.echo(f"wrote {int8_path(model)}: {len(made['calibration_sha256'])} calibration scans, {made['seconds']:.1f} s")
+
+
 if __name__ == "__main__":
     cli()

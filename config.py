@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "models" / "brainscan-v1.keras"
 
 
-# How a worker serves the model (vision.precision): auto is mixed bfloat16 where the CPU runs it natively.
-PRECISIONS = ("auto", "float32", "mixed_bfloat16")
+# How a worker serves the model (vision.precision): auto is mixed bfloat16 where the CPU runs it natively;
+# int8 serves the quantized file `cli.py quantize` writes beside the model (vision.int8), on the CPU.
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "int8")
 
 
 class SettingsError(ValueError):

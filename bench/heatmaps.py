@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--data", default="../shared/data/brain-tumor-mri/Training")
     parser.add_argument("--rim", type=float, default=0.05)
+    parser.add_argument("--precision", default="auto", help="serving precision: auto, float32, mixed_bfloat16, int8")
     parser.add_argument("--gallery", help="write a PNG of the rim and outside cases here")
     args = parser.parse_args()
 
@@ -38,7 +39,7 @@ def main() -> None:
     from vision.preprocess import cam_to_scan, prepare_bytes
     from vision.runtime import Runtime
 
-    rt = Runtime(args.model)
+    rt = Runtime(args.model, precision=args.precision)
     val = set(rt.model.card["validation_sha256"])
     examples = [e for e in labelled_examples(Path(args.data)) if e.sha256 in val and e.label in TUMOURS]
     depths: dict[str, list[float]] = {c: [] for c in TUMOURS}
@@ -55,7 +56,8 @@ def main() -> None:
             depths[ex.label].append(depth)
             if depth < args.rim:
                 misses.append((ex, gray, on_scan, depth))
-    out = {"model": Path(args.model).name, "model_sha256": rt.sha256[:12], "rim_fraction": args.rim}
+    out = {"model": Path(args.model).name, "model_sha256": rt.sha256[:12], "precision": rt.precision,
+           "rim_fraction": args.rim}
     for c, d in depths.items():
         d = np.array(d)
         out[c] = {"scans": int(d.size), "outside": round(float((d == 0).mean()), 3),

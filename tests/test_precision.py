@@ -42,7 +42,7 @@ def test_unknown_precision_in_the_environment_names_the_choices(monkeypatch):
     monkeypatch.setenv("BRAINSCAN_PRECISION", "fp8")
     with pytest.raises(SettingsError) as err:
         load_settings()
-    assert str(err.value) == "BRAINSCAN_PRECISION must be one of auto, float32, mixed_bfloat16, got 'fp8'"
+    assert str(err.value) == "BRAINSCAN_PRECISION must be one of auto, float32, mixed_bfloat16, int8, got 'fp8'"
 
 
 def test_float32_serves_the_loaded_model_itself(mixed_batch):

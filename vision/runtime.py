@@ -92,8 +92,14 @@ class Runtime:
         self.model = load_model(model_path)
         # Folding is exact (float32 rounding) and saves a pass over every conv block's output: +11% measured.
         keras_model = fold_batchnorm(self.model.keras_model) if fold else self.model.keras_model
-        served = with_precision(keras_model, self.precision)
-        self.explainer = Explainer(served, self.model.card["gradcam_layer"])
+        if self.precision == "int8":
+            from vision.gradcam import head_path
+            from vision.int8 import Int8Explainer, read_int8
+
+            dense = head_path(keras_model, self.model.card["gradcam_layer"])[0]
+            self.explainer = Int8Explainer(read_int8(model_path, self.model.sha256), dense.kernel, self.threads)
+        else:
+            self.explainer = Explainer(with_precision(keras_model, self.precision), self.model.card["gradcam_layer"])
         size = self.model.card["input_size"]
         # Warm up on the batch shape the worker will see, so the first real batch pays no tracing cost.
         self.explainer(np.zeros((warm_batch, size, size, 1), np.float32))
