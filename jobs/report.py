@@ -115,7 +115,7 @@ def format_table(report: dict) -> str:
         lines.append(f"DICOM scans by modality: {by_modality}; {report.get('skipped', 0)} object(s) without "
                      "pixel data skipped at submit")
     if len(report.get("served_in", {})) > 1:
-        # Answers agree only to about 0.001 in probability across precisions: say so where a job mixes them.
+        # Probabilities differ by up to 0.01 (bfloat16) or 0.02 (int8) from float32's: say so where a job mixes them.
         mixed = ", ".join(f"{p} {n}" for p, n in report["served_in"].items())
         lines.append(f"results served in more than one precision: {mixed}")
     if not report["labelled"]:

@@ -1,4 +1,4 @@
-"""The precision a worker serves the model in: float32, or mixed bfloat16 on CPUs with bfloat16 instructions."""
+"""The precision a worker serves the model in: float32, mixed bfloat16 on CPUs with bfloat16 instructions, or int8."""
 from __future__ import annotations
 
 from config import PRECISIONS
@@ -12,7 +12,8 @@ FLOAT32_LAYERS = ("logits",)
 
 def serving_precision(requested: str | None, gpus: list, flags: set[str]) -> str:
     """The precision to serve in: `requested` (default auto). Auto is mixed bfloat16 on a CPU with AVX512-BF16
-    or AMX and float32 elsewhere; ValueError for an unknown name."""
+    or AMX and float32 elsewhere; int8 (vision.int8) runs on the CPU even where a GPU is present and is never
+    chosen by auto. ValueError for an unknown name."""
     name = requested or "auto"
     if name not in PRECISIONS:
         raise ValueError(f"unknown precision '{name}': choose one of {', '.join(PRECISIONS)}")
