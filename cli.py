@@ -76,8 +76,10 @@ def _report_out(job_id: int | None, fmt: str) -> None:
 
 def _run_folder(folder, labels, batch_size, workers, follow_links, quiet=False) -> int:
     from jobs.lifecycle import new_job, run_job
+    from vision.runtime import check_servable
 
     settings = load_settings()
+    check_servable(settings.model_path, settings.precision)  # before a job is recorded that nothing could run
     job_id = new_job(settings, folder, labels, batch_size, follow_links)
     with click.progressbar(length=_total(settings, job_id), label=f"job {job_id}", file=sys.stderr,
                            show_pos=True, show_eta=True, hidden=quiet) as bar:
@@ -193,6 +195,7 @@ def evaluate(folder, labels, model, workers, fmt):
 @cli.command()
 @click.option("--concurrency", type=int, help="Pool processes (default: one per GPU, else 1).")
 @click.option("--loglevel", default="INFO", show_default=True)
+@domain_errors
 def worker(concurrency, loglevel):
     """Start a Celery worker that serves jobs (uses the GPU when one is present).
 

@@ -44,7 +44,9 @@ def _pending(url: str, job_id: int) -> list[int]:
 def run_local(settings: Settings, job_id: int, workers: int | None = None, on_batch=None, max_rounds: int = 20) -> None:
     """Process every pending scan of a job with local worker processes until none is left."""
     from jobs.processing import release_leases
+    from vision.runtime import check_servable
 
+    check_servable(settings.model_path, settings.precision)
     workers = max(1, workers or settings.local_workers)
     threads = max(1, (os.cpu_count() or 1) // workers)
     url = settings.database_url

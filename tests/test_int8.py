@@ -38,6 +38,13 @@ def example_arrays(runtime) -> np.ndarray:
                      for p in sorted(EXAMPLES.glob("*/*.jpg"))])
 
 
+def bare_copy(tiny_model, folder):
+    """The tiny model and its card alone, under the name bare.keras, with no int8 file."""
+    for suffix in (".keras", ".json"):
+        shutil.copy(tiny_model.with_suffix(suffix), folder / f"bare{suffix}")
+    return folder / "bare.keras"
+
+
 def test_quantize_says_what_it_wrote(quantized):
     model, output = quantized
     assert output.startswith(f"wrote {int8_path(model)}: 8 calibration scans, ")
@@ -93,9 +100,7 @@ def test_shipped_int8_file_agrees_with_float32_on_the_example_scans(shipped_mode
 
 
 def test_a_model_without_an_int8_file_says_how_to_make_one(tiny_model, tmp_path):
-    for suffix in (".keras", ".json"):
-        shutil.copy(tiny_model.with_suffix(suffix), tmp_path / f"bare{suffix}")
-    model = tmp_path / "bare.keras"
+    model = bare_copy(tiny_model, tmp_path)
     with pytest.raises(ModelError) as err:
         read_int8(model, "0" * 64)
     assert str(err.value) == (f"{int8_path(model)}: no int8 model beside bare.keras; "
@@ -146,3 +151,23 @@ def test_run_in_int8_records_it_on_every_result(quantized, scan_folder, env_for)
     assert json.loads(result.output)["served_in"] == {"int8": 17}
     with session_scope(settings.database_url) as s:
         assert set(s.execute(select(Result.served_in)).scalars()) == {"int8"}
+
+
+def test_run_in_int8_without_the_file_stops_before_recording_a_job(tiny_model, scan_folder, env_for, tmp_path):
+    model = bare_copy(tiny_model, tmp_path)
+    settings, _ = env_for(model, BRAINSCAN_PRECISION="int8")
+    result = CliRunner().invoke(cli, ["run", str(scan_folder)])
+
+    assert result.exit_code == 1
+    assert result.output == (f"Error: {int8_path(model)}: no int8 model beside bare.keras; "
+                             f"run `python cli.py quantize TRAINING_FOLDER --model {model}`\n")
+    assert not (tmp_path / "var" / "brainscan.db").exists()
+
+
+def test_worker_in_int8_without_the_file_refuses_to_start(tiny_model, env_for, tmp_path, redis_url):
+    model = bare_copy(tiny_model, tmp_path)
+    env_for(model, broker_url=redis_url, BRAINSCAN_PRECISION="int8")
+    result = CliRunner().invoke(cli, ["worker"])
+
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {int8_path(model)}: no int8 model beside bare.keras; ")

@@ -77,6 +77,17 @@ def configure_devices(cpu_threads: int | None = None) -> list:
     return [gpu.name for gpu in gpus]
 
 
+def check_servable(model_path, precision: str | None) -> None:
+    """ModelError now, in the parent process, for a model no worker process could load: its card, and its int8
+    file when int8 is asked for (a worker process that fails to start would only be restarted)."""
+    from vision.int8 import read_int8
+    from vision.modelio import read_card
+
+    card = read_card(model_path)
+    if precision == "int8":
+        read_int8(model_path, card["sha256"])
+
+
 class Runtime:
     """Loaded model + batched Grad-CAM; one per worker process."""
 

@@ -67,6 +67,9 @@ def runtime():
 
 def start_worker(concurrency: int | None = None, loglevel: str = "INFO") -> None:
     """Run a prefork worker: one process per GPU, or one process using every core on CPU."""
+    from vision.runtime import check_servable
+
+    check_servable(settings.model_path, settings.precision)
     n = concurrency or max(1, len(gpu_ids()))
     os.environ["BRAINSCAN_WORKER_CONCURRENCY"] = str(n)
     app.worker_main(["worker", f"--loglevel={loglevel}", f"--concurrency={n}", "--pool=prefork",
