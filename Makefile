@@ -33,7 +33,7 @@ soak: $(STAMP)
 	$(BIN)/python bench/soak.py --scans 20000
 
 bench: $(STAMP)
-	$(BIN)/python bench/model.py
+	$(BIN)/python bench/model.py --precision auto,int8
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/batch.py
 	$(BIN)/python bench/nightly.py
