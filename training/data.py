@@ -97,10 +97,15 @@ def _cache_folder(cache_dir: Path, prefix: str, params: dict, **extra) -> Path:
     return Path(cache_dir) / f"{prefix}-{key[:12]}"
 
 
-def _prepare(args):
-    root, relpath, _, params = args
+def scan_array(root, relpath: str, params: dict) -> np.ndarray:
+    """The array the model sees for one scan of a folder or archive, as inference prepares it."""
     data, frame = sources.load(root, relpath)  # a frame of a multi-frame DICOM object decodes alone
     return prepare_bytes(data, params, frame=frame).array
+
+
+def _prepare(args):
+    root, relpath, _, params = args
+    return scan_array(root, relpath, params)
 
 
 def cached_arrays(examples: list[Example], params: dict, cache_dir: Path, workers: int = 2) -> np.ndarray:

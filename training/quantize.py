@@ -6,12 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs import sources
-from training.data import DataError, labelled_examples
+from training.data import DataError, labelled_examples, scan_array
 from vision.folding import fold_batchnorm
 from vision.int8 import convert, write_int8
 from vision.modelio import load_model
-from vision.preprocess import prepare_bytes
 
 
 def calibration_examples(data: Path, train_sha256: set[str], count: int, seed: int) -> list:
@@ -24,17 +22,11 @@ def calibration_examples(data: Path, train_sha256: set[str], count: int, seed: i
     return [examples[i] for i in sorted(rng.choice(len(examples), min(count, len(examples)), replace=False))]
 
 
-def prepared(example, params: dict) -> np.ndarray:
-    """The array the model sees for one training example (one frame of a multi-frame DICOM object alone)."""
-    data, frame = sources.load(example.root, example.relpath)
-    return prepare_bytes(data, params, frame=frame).array
-
-
 def quantize_model(model_path: Path, data: Path, count: int = 256, seed: int = 0) -> dict:
     """Write `<model>.int8.tflite` and `<model>.int8.json` beside the model; returns the provenance."""
     model = load_model(model_path)
     chosen = calibration_examples(Path(data), set(model.card.get("train_sha256", [])), count, seed)
-    arrays = np.stack([prepared(e, model.preprocessing) for e in chosen])
+    arrays = np.stack([scan_array(e.root, e.relpath, model.preprocessing) for e in chosen])
     started = time.perf_counter()
     flatbuffer = convert(fold_batchnorm(model.keras_model), model.card["gradcam_layer"], arrays)
     return write_int8(model_path, model.sha256, flatbuffer, [e.sha256 for e in chosen],

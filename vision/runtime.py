@@ -101,15 +101,15 @@ class Runtime:
 
         self.precision = serving_precision(precision, self.gpus, cpu_flags())
         self.model = load_model(model_path)
-        # Folding is exact (float32 rounding) and saves a pass over every conv block's output: +11% measured.
-        keras_model = fold_batchnorm(self.model.keras_model) if fold else self.model.keras_model
-        if self.precision == "int8":
+        if self.precision == "int8":  # the int8 file holds the folded conv stack; the Keras model gives the head
             from vision.gradcam import head_path
             from vision.int8 import Int8Explainer, read_int8
 
-            dense = head_path(keras_model, self.model.card["gradcam_layer"])[0]
+            dense = head_path(self.model.keras_model, self.model.card["gradcam_layer"])[0]
             self.explainer = Int8Explainer(read_int8(model_path, self.model.sha256), dense.kernel, self.threads)
         else:
+            # Folding is exact (float32 rounding) and saves a pass over every conv block's output: +11% measured.
+            keras_model = fold_batchnorm(self.model.keras_model) if fold else self.model.keras_model
             self.explainer = Explainer(with_precision(keras_model, self.precision), self.model.card["gradcam_layer"])
         size = self.model.card["input_size"]
         # Warm up on the batch shape the worker will see, so the first real batch pays no tracing cost.
