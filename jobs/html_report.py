@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from db.models import Job, Model, Result, Scan
 from jobs import plots, sources
 from jobs.heatmaps import scan_heatmap
-from jobs.report import job_report, seen_hashes
+from jobs.report import job_report, seen_hashes, served_in_text
 from vision.decode import decode
 from vision.errors import ScanError
 
@@ -263,7 +263,7 @@ def _summary(report: dict, job: Job, model: Model) -> str:
     processed = report["scans"] - report["pending"]
     rate = processed / seconds if seconds else None
     val_n = len(card.get("validation_sha256", []))
-    served = ", ".join(f"{p} {n}" for p, n in report.get("served_in", {}).items())
+    served = served_in_text(report)
     cards = [
         _card("scans", str(report["scans"]), field="scans", data=report["scans"]),
         _card("labelled", str(report["labelled"]), f"{report['unlabelled']} unlabelled (not in metrics)",

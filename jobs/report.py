@@ -103,6 +103,11 @@ def _fmt(value) -> str:
     return "  n/a" if value is None else f"{value:.3f}"
 
 
+def served_in_text(report: dict) -> str:
+    """`float32 16, int8 1`: a report's done scans by the precision they were served in ('' when none)."""
+    return ", ".join(f"{p} {n}" for p, n in report.get("served_in", {}).items())
+
+
 def format_table(report: dict) -> str:
     """The report as aligned text: summary, per-class table, averages, confusion matrix."""
     lines = [
@@ -116,8 +121,7 @@ def format_table(report: dict) -> str:
                      "pixel data skipped at submit")
     if len(report.get("served_in", {})) > 1:
         # Probabilities differ by up to 0.01 (bfloat16) or 0.02 (int8) from float32's: say so where a job mixes them.
-        mixed = ", ".join(f"{p} {n}" for p, n in report["served_in"].items())
-        lines.append(f"results served in more than one precision: {mixed}")
+        lines.append(f"results served in more than one precision: {served_in_text(report)}")
     if not report["labelled"]:
         lines.append("no labelled scans: metrics need labels (class folders or --labels FILE.csv)")
     else:

@@ -9,7 +9,7 @@ import csv
 import io
 import json
 
-from jobs.report import format_table
+from jobs.report import format_table, served_in_text
 
 FORMATS = ("table", "json", "csv", "markdown")
 CSV_COLUMNS = ("scope", "row", "precision", "recall", "f1", "support", "auc", "accuracy")
@@ -72,7 +72,7 @@ def to_markdown(report: dict) -> str:
         f"- status: {report['status']}",
         f"- folder: `{report['folder']}`",
         f"- model: {report['model']} (`{report['model_sha256'][:12]}`)",
-        f"- served in: {', '.join(f'{p} {n}' for p, n in report.get('served_in', {}).items()) or 'no results yet'}",
+        f"- served in: {served_in_text(report) or 'no results yet'}",
         f"- scans: {report['scans']}, labelled: {report['labelled']}, unlabelled: {report['unlabelled']}, "
         f"failed: {report['failed']}, pending: {report['pending']}",
         f"- accuracy: {_md(report['accuracy'])}",
