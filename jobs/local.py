@@ -2,7 +2,9 @@
 
 Processes are spawned, not forked, and the parent never imports TensorFlow. A worker that dies
 breaks the pool; the pool is rebuilt, its leases released, and retried scans go one at a time
-so a poison scan is quarantined while the rest of its batch completes.
+so a poison scan is quarantined while the rest of its batch completes. A process that cannot load the
+model does not die: it raises that error from its first batch, so `run` stops at once with the reason
+instead of rebuilding a pool that would fail the same way.
 """
 from __future__ import annotations
 
@@ -19,18 +21,24 @@ from db.session import session_scope
 from jobs.submission import batches
 
 _RUNTIME = None
+_INIT_ERROR: Exception | None = None
 
 
 def _init(model_path: str, threads: int, precision: str) -> None:
-    global _RUNTIME
+    global _RUNTIME, _INIT_ERROR
     from vision.runtime import Runtime
 
-    _RUNTIME = Runtime(model_path, cpu_threads=threads, precision=precision)
+    try:
+        _RUNTIME = Runtime(model_path, cpu_threads=threads, precision=precision)
+    except Exception as exc:  # an initializer that raises only breaks the pool, and the reason is lost
+        _INIT_ERROR = exc
 
 
 def _batch(url: str, job_id: int, ids: list[int], max_attempts: int, lease_seconds: int) -> dict:
     from jobs.processing import process_batch
 
+    if _INIT_ERROR is not None:
+        raise _INIT_ERROR
     outcome = process_batch(url, _RUNTIME, job_id, ids, max_attempts=max_attempts, lease_seconds=lease_seconds)
     return {**outcome.as_dict(), "n": len(ids)}
 
@@ -70,4 +78,7 @@ def run_local(settings: Settings, job_id: int, workers: int | None = None, on_ba
                         on_batch(counts)
             except BrokenProcessPool:
                 continue  # a worker died mid-batch: rebuild the pool and go again
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # the model failed to load: don't wait for the other batches
+                raise
     raise RuntimeError(f"job {job_id}: scans still pending after {max_rounds} rounds of local workers")

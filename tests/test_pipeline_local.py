@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from cli import cli
 from db.models import Result, Scan
 from db.session import session_scope
+from vision.modelio import write_card
 
 pytestmark = pytest.mark.slow
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
@@ -96,6 +97,22 @@ def test_run_with_an_unreadable_model_fails_without_leaving_a_job(scan_folder, e
 
     assert result.exit_code == 1
     assert result.output == f"Error: {tmp_path / 'bad.json'}: model card not found next to the model\n"
+
+
+def test_a_model_the_worker_processes_cannot_load_stops_run_at_once_with_the_reason(tiny_model, scan_folder,
+                                                                                    env_for, tmp_path):
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(b"not a model")
+    write_card(bad, json.loads(tiny_model.with_suffix(".json").read_text()))  # a card that matches the bytes
+    settings, _ = env_for(bad)
+    result = CliRunner().invoke(cli, ["run", str(scan_folder), "--workers", "2"])
+
+    assert result.exit_code == 1
+    assert result.output.startswith(f"job 1\nError: {bad}: cannot be loaded in safe mode: ")
+    assert result.output.count("\n") == 2
+    with session_scope(settings.database_url) as s:  # the job stays recorded, no scan touched
+        assert s.execute(select(Scan.status, func.count(), func.sum(Scan.attempts)).group_by(Scan.status)).all() \
+            == [("pending", 18, 0)]
 
 
 def test_scans_the_model_was_trained_on_are_counted_and_left_out_of_unseen(tiny_model, scan_folder, env_for):
