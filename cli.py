@@ -362,6 +362,8 @@ def migrate():
                    "at the same weights and FLOPs.")
 @click.option("--convs", callback=lambda ctx, param, value: parse_counts(value),
               help="Conv blocks in each of the 4 stages, comma-separated (default 1,1,2,2).")
+@click.option("--pool", type=click.Choice(["avg", "max"]), default="avg", show_default=True,
+              help="Global pooling before the head: max makes each class point at its strongest cell.")
 @click.option("--towers", default=1, show_default=True,
               help="Networks trained one after another (seeds SEED, SEED+1, ...) and served as one model "
                    "whose logits are their mean.")
@@ -408,7 +410,7 @@ def migrate():
               help="Peak of the warm-up + cosine schedule.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint.")
 @domain_errors
-def train(data, out, epochs, batch_size, size, width, dilate, convs, towers, seed, split_seed, val_fraction, precision,
+def train(data, out, epochs, batch_size, size, width, dilate, convs, pool, towers, seed, split_seed, val_fraction, precision,
           equalise, gamma, invert, gin, clean_epochs, downsize, oversample, balance, init, teacher, distil_temperature,
           distil_weight, learning_rate, resume):
     """Train the CNN on the class folders of DATA (a folder or .zip archive); write the model, card and plots.
@@ -419,7 +421,7 @@ def train(data, out, epochs, batch_size, size, width, dilate, convs, towers, see
     from training.train import train as run_training
 
     cfg = TrainConfig(data, out, epochs=epochs, batch_size=batch_size, size=size, width=width, dilate=dilate, convs=convs,
-                      towers=towers, seed=seed, split_seed=split_seed,
+                      pool=pool, towers=towers, seed=seed, split_seed=split_seed,
                       val_fraction=val_fraction, precision=precision, equalise=equalise, gamma=gamma,
                       invert=invert, gin=gin, clean_epochs=clean_epochs, downsize=downsize, oversample=oversample,
                       balance=balance, init=init, teacher=teacher, distil_temperature=distil_temperature,

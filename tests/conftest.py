@@ -160,7 +160,7 @@ def mixed_batch():
     return Explainer(model, GRADCAM_LAYER), scans, model
 
 
-def random_network(seed: int, stages=None, size: int = 64):
+def random_network(seed: int, stages=None, size: int = 64, pool: str = "avg"):
     """A random-weight net whose batch-norm statistics and head are random too, so that each maps."""
     import keras
     import numpy as np
@@ -168,7 +168,7 @@ def random_network(seed: int, stages=None, size: int = 64):
     from training.architecture import build_model, stages_for
 
     keras.utils.set_random_seed(seed)
-    model = build_model(size, 4, stages=stages or stages_for(8))
+    model = build_model(size, 4, stages=stages or stages_for(8), pool=pool)
     rng = np.random.default_rng(seed)
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):

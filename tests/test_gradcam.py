@@ -5,6 +5,7 @@ import pytest
 from training.architecture import GRADCAM_LAYER
 from vision.errors import ModelError
 from vision.gradcam import Explainer, padded_size
+from tests.conftest import random_network
 
 
 def gradient_grad_cam(model, scans, classes):
@@ -25,6 +26,21 @@ def test_the_closed_form_maps_equal_a_gradient_pass_for_each_rows_predicted_clas
     explain, scans, model = mixed_batch
     probs, cams = explain(scans)
 
+    np.testing.assert_allclose(cams, gradient_grad_cam(model, scans, probs.argmax(axis=1)), atol=1e-5)
+
+
+def test_with_global_max_pooling_the_closed_form_maps_still_equal_a_gradient_pass(mixed_batch):
+    import keras
+
+    _, scans, _ = mixed_batch
+    model = random_network(5, pool="max")
+    pooled = keras.Model(model.inputs, model.get_layer("gmp").output)(scans).numpy()
+    mean, std = pooled.mean(axis=0), pooled.std(axis=0) + 1e-6  # as mixed_batch: so the scans differ in class
+    directions = np.random.default_rng(5).normal(size=(pooled.shape[1], 4)).astype(np.float32)
+    model.get_layer("logits").set_weights([directions / std[:, None], -(mean / std) @ directions])
+    probs, cams = Explainer(model, GRADCAM_LAYER)(scans)
+
+    assert len(set(probs.argmax(axis=1))) >= 2
     np.testing.assert_allclose(cams, gradient_grad_cam(model, scans, probs.argmax(axis=1)), atol=1e-5)
 
 

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from training.architecture import GRADCAM_LAYER, build_model, merge_towers, stages_for
+from vision.errors import ModelError
 from vision.gradcam import Explainer
 from vision.preprocess import DEFAULTS, prepare_bytes
 from tests.conftest import EXAMPLES, random_network
@@ -83,6 +84,21 @@ def test_a_model_with_towers_of_different_widths_merges_as_each_of_its_towers(to
     out = logits_of(three, scans)
 
     np.testing.assert_allclose(out, (other_logits + logits[0] + logits[1]) / 3, rtol=1e-4, atol=1e-4)
+
+
+def test_max_pooled_networks_merge_as_the_mean_of_their_logits(towers):
+    scans = towers[2]
+    networks = [random_network(7, pool="max"), random_network(8, pool="max")]
+    merged = merge_towers(networks, 64, STAGES)
+
+    assert merged.get_layer("gmp") is not None
+    np.testing.assert_allclose(logits_of(merged, scans),
+                               (logits_of(networks[0], scans) + logits_of(networks[1], scans)) / 2, atol=1e-4)
+
+
+def test_average_and_max_pooled_networks_are_not_merged(towers):
+    with pytest.raises(ModelError, match="^models with average and max global pooling cannot be merged$"):
+        merge_towers([towers[0][0], random_network(7, pool="max")], 64, STAGES)
 
 
 def test_a_dilated_grad_cam_unit_sees_the_scan_40_px_away_where_a_plain_one_does_not():

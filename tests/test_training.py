@@ -65,6 +65,19 @@ def test_training_cache_holds_exactly_the_inference_arrays(tmp_path):
         np.testing.assert_array_equal(b, expected)
 
 
+def test_a_max_pooled_training_says_so_in_its_card_and_is_served(tmp_path):
+    from training.train import TrainConfig, train
+    from vision.runtime import Runtime
+
+    out = tmp_path / "gmp"
+    card = train(TrainConfig(EXAMPLES, out, epochs=1, size=64, val_fraction=0.25, pool="max",
+                             cache_dir=tmp_path / "cache", command="pytest max pooling"))
+    probs, cams = Runtime(out.with_suffix(".keras"), precision="float32").explain(np.zeros((2, 64, 64, 1), np.float32))
+
+    assert card["pooling"] == "max"
+    assert probs.shape == (2, 4) and cams.shape == (2, 8, 8)
+
+
 def test_tiny_training_writes_model_card_and_plots(tiny_model):
     card = json.loads(tiny_model.with_suffix(".json").read_text())
 
@@ -74,6 +87,7 @@ def test_tiny_training_writes_model_card_and_plots(tiny_model):
     assert set(card["train_sha256"]).isdisjoint(card["validation_sha256"])
     assert len(card["history"]) == 1 and card["training_command"] == "pytest tiny model"
     assert card["split_seed"] == card["seed"]
+    assert card["pooling"] == "avg"
     assert card["hardware"] == f"CPU: {cpu_description()}"
     assert (tiny_model.parent / "tiny-curves.png").stat().st_size > 0
     assert (tiny_model.parent / "tiny-confusion.png").stat().st_size > 0

@@ -77,8 +77,19 @@ def per_tower(stages, towers: int) -> list:
     return list(stages) if isinstance(stages, list) else [stages] * towers
 
 
+# The global pooling before the dense head. avg: a class's score sums evidence over the whole grid. max: each
+# channel counts only at its strongest cell, so a class must be shown somewhere (weakly supervised
+# localisation, Oquab et al. 2015). Grad-CAM's closed form holds for both (vision/gradcam.py).
+POOLS = {"avg": ("gap", layers.GlobalAveragePooling2D), "max": ("gmp", layers.GlobalMaxPooling2D)}
+
+
+def pooling_of(model: keras.Model) -> str:
+    """The POOLS key of a model's global pooling."""
+    return "max" if any(isinstance(layer, layers.GlobalMaxPooling2D) for layer in model.layers) else "avg"
+
+
 def build_model(input_size: int = 128, classes: int = 4, stages=STAGES, dropout: float = 0.3,
-                towers: int = 1) -> keras.Model:
+                towers: int = 1, pool: str = "avg") -> keras.Model:
     """Build the CNN; the last conv block is `gradcam_features`, the class scores `logits`.
 
     With towers > 1, that many conv stacks read the scan side by side and `gradcam_features` concatenates
@@ -92,7 +103,8 @@ def build_model(input_size: int = 128, classes: int = 4, stages=STAGES, dropout:
         stacks = [conv_stack(inputs, own, f"t{k}_", tower_layer_name(GRADCAM_LAYER, k))
                   for k, own in enumerate(per_tower(stages, towers))]
         x = layers.Concatenate(name=GRADCAM_LAYER)(stacks)
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    name, pooling = POOLS[pool]
+    x = pooling(name=name)(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     logits = layers.Dense(classes, name="logits", dtype="float32")(x)
     probs = layers.Softmax(name="probs", dtype="float32")(logits)
@@ -118,10 +130,15 @@ def merge_towers(models: list, input_size: int, stages) -> keras.Model:
     """
     import numpy as np
 
+    from vision.errors import ModelError
+
     classes = models[0].get_layer("logits").units
+    pools = {pooling_of(model) for model in models}
+    if len(pools) > 1:  # the mean of their heads is one dense layer only over one kind of pooled features
+        raise ModelError("models with average and max global pooling cannot be merged")
     counts = [towers_of(model) for model in models]
     own = per_tower(stages, sum(counts))
-    merged = build_model(input_size, classes, own, towers=sum(counts))
+    merged = build_model(input_size, classes, own, towers=sum(counts), pool=pools.pop())
     kernels, bias, j = [], 0.0, 0
     for model, k in zip(models, counts):
         kernel, model_bias = model.get_layer("logits").get_weights()

@@ -53,6 +53,7 @@ class TrainConfig:
     width: int = defaults.WIDTH
     dilate: bool = False  # the last stage's convs dilated (architecture.DILATIONS): a head-wide receptive field
     convs: tuple | None = None  # conv blocks per stage (architecture.SHAPE's when None)
+    pool: str = "avg"  # global pooling before the head: avg or max (architecture.POOLS)
     towers: int = 1  # > 1: that many networks trained one after another (seeds seed, seed+1, ...) and merged
     resume: bool = False
     command: str = ""
@@ -169,10 +170,10 @@ def float32_copy(model, size: int, stages):
     """The same network and weights in float32: what the worker serves, whatever precision trained it."""
     import keras
 
-    from training.architecture import build_model
+    from training.architecture import build_model, pooling_of
 
     keras.mixed_precision.set_global_policy("float32")
-    served = build_model(size, model.output.shape[-1], stages=stages)
+    served = build_model(size, model.output.shape[-1], stages=stages, pool=pooling_of(model))
     served.set_weights(model.get_weights())
     return served
 
@@ -327,7 +328,7 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
     train_ds, val_ds = tdata.datasets(x_train, y_train, data.x_val, data.y_val, batch_size, seed,
                                       len(CLASSES), gamma=cfg.gamma, invert=cfg.invert, augmenting=augmenting,
                                       twins=twins, downsize=cfg.downsize, gin=cfg.gin, soft=soft)
-    model = build_model(cfg.size, len(CLASSES), stages=stages)
+    model = build_model(cfg.size, len(CLASSES), stages=stages, pool=cfg.pool)
     if cfg.init:
         start_from(model, cfg.init)
     compile_network(model, cfg, (len(x_train) // batch_size) * cfg.epochs)
@@ -494,7 +495,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def model_fields(model) -> dict:
     """The card's fields read off the model itself: Grad-CAM layer and grid, logits layer, size, FLOPs."""
-    from training.architecture import GRADCAM_LAYER, flops_per_scan
+    from training.architecture import GRADCAM_LAYER, flops_per_scan, pooling_of
 
     return {
         "gradcam_layer": GRADCAM_LAYER,
@@ -506,6 +507,7 @@ def model_fields(model) -> dict:
             "multi-tower model the layer concatenates the towers' last blocks, so the map is their mean."
         ),
         "logits_layer": "logits",
+        "pooling": pooling_of(model),
         "parameters": int(model.count_params()),
         "flops_per_scan": flops_per_scan(model),
     }

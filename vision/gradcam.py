@@ -6,10 +6,12 @@ import numpy as np
 from vision.errors import ModelError
 
 EPSILON = 1e-7
-# Between the Grad-CAM layer and the logits only these may stand (the pooling once): then the gradient of a
-# logit with respect to the features is the class's dense weights spread evenly over the grid, and Grad-CAM
-# needs no backprop at all.
-HEAD_LAYERS = ("GlobalAveragePooling2D", "Dropout")
+# Between the Grad-CAM layer and the logits only these may stand (one global pooling): then Grad-CAM's channel
+# weights, the spatial mean of a logit's gradient with respect to the features, are the class's dense weights
+# over the grid's cell count, and Grad-CAM needs no backprop at all. Average pooling spreads that gradient
+# evenly over the grid; max pooling puts all of it on each channel's strongest cell: the same mean.
+POOLINGS = ("GlobalAveragePooling2D", "GlobalMaxPooling2D")
+HEAD_LAYERS = (*POOLINGS, "Dropout")
 
 
 def head_path(keras_model, gradcam_layer: str, logits_layer: str = "logits") -> list:
@@ -22,7 +24,7 @@ def head_path(keras_model, gradcam_layer: str, logits_layer: str = "logits") -> 
             break
         layer = inputs[0]._keras_history.operation  # the layer that made this tensor; Keras has no public accessor
     kinds = [type(lay).__name__ for lay in path]
-    if (layer.name != gradcam_layer or kinds[0] != "Dense" or kinds[1:].count("GlobalAveragePooling2D") != 1
+    if (layer.name != gradcam_layer or kinds[0] != "Dense" or sum(kinds[1:].count(p) for p in POOLINGS) != 1
             or not set(kinds[1:]) <= set(HEAD_LAYERS)):
         raise ModelError(
             f"Grad-CAM needs '{gradcam_layer}' -> global average pooling [-> dropout] -> '{logits_layer}' (Dense); "
@@ -34,9 +36,9 @@ def head_path(keras_model, gradcam_layer: str, logits_layer: str = "logits") -> 
 def class_activation(features, logits, kernel):
     """Grad-CAM of each row for its own predicted class, in closed form, scaled to [0, 1] per row.
 
-    With global average pooling and a dense head, d logit_c / d A_k(i, j) = W[k, c] / (h * w) at every cell, so
-    the spatial mean of the gradients (Grad-CAM's channel weights) is W[k, c] / (h * w): the same map as a
-    gradient pass, for the cost of one einsum.
+    With global average pooling and a dense head, d logit_c / d A_k(i, j) = W[k, c] / (h * w) at every cell (with
+    max pooling, W[k, c] at channel k's strongest cell and 0 elsewhere), so the spatial mean of the gradients
+    (Grad-CAM's channel weights) is W[k, c] / (h * w): the same map as a gradient pass, for one einsum.
     """
     from keras import ops
 
