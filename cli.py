@@ -410,8 +410,8 @@ def migrate():
               help="Peak of the warm-up + cosine schedule.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint.")
 @domain_errors
-def train(data, out, epochs, batch_size, size, width, dilate, convs, pool, towers, seed, split_seed, val_fraction, precision,
-          equalise, gamma, invert, gin, clean_epochs, downsize, oversample, balance, init, teacher, distil_temperature,
+def train(data, out, epochs, batch_size, size, width, dilate, convs, pool, towers, seed, split_seed, val_fraction,
+          precision, equalise, gamma, invert, gin, clean_epochs, downsize, oversample, balance, init, teacher, distil_temperature,
           distil_weight, learning_rate, resume):
     """Train the CNN on the class folders of DATA (a folder or .zip archive); write the model, card and plots.
 

@@ -84,8 +84,8 @@ def test_a_model_whose_logits_do_not_read_pooled_features_is_refused():
     with pytest.raises(ModelError) as refused:
         Explainer(keras.Model(inputs, logits), GRADCAM_LAYER)
 
-    assert str(refused.value) == ("Grad-CAM needs 'gradcam_features' -> global average pooling [-> dropout] -> "
-                                  "'logits' (Dense); this model has Dense <- Flatten after it")
+    assert str(refused.value) == ("Grad-CAM needs 'gradcam_features' -> global average or max pooling "
+                                  "[-> dropout] -> 'logits' (Dense); this model has Dense <- Flatten after it")
 
 
 def test_batches_run_at_the_next_power_of_two_so_a_worker_compiles_few_shapes():

@@ -27,7 +27,8 @@ def head_path(keras_model, gradcam_layer: str, logits_layer: str = "logits") -> 
     if (layer.name != gradcam_layer or kinds[0] != "Dense" or sum(kinds[1:].count(p) for p in POOLINGS) != 1
             or not set(kinds[1:]) <= set(HEAD_LAYERS)):
         raise ModelError(
-            f"Grad-CAM needs '{gradcam_layer}' -> global average pooling [-> dropout] -> '{logits_layer}' (Dense); "
+            f"Grad-CAM needs '{gradcam_layer}' -> global average or max pooling [-> dropout] -> "
+            f"'{logits_layer}' (Dense); "
             f"this model has {' <- '.join(kinds)} after it"
         )
     return path
