@@ -386,6 +386,9 @@ def migrate():
 @click.option("--gin", default=0.0, show_default=True,
               help="Share of training scans passed through a random shallow conv net and blended with "
                    "themselves (GIN): new contrasts, so no class is tied to its sources' sequence.")
+@click.option("--rim-erase", default=0.0, show_default=True,
+              help="Share of training scans whose head's outer rim (skull, scalp, outer cortex) is blacked out, "
+                   "so no class rests on how they look.")
 @click.option("--clean-epochs", default=0, show_default=True,
               help="The last N epochs augment with left-right flips only, so training ends on scans as served.")
 @click.option("--downsize", default=0.0, show_default=True,
@@ -411,8 +414,8 @@ def migrate():
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint.")
 @domain_errors
 def train(data, out, epochs, batch_size, size, width, dilate, convs, pool, towers, seed, split_seed, val_fraction,
-          precision, equalise, gamma, invert, gin, clean_epochs, downsize, oversample, balance, init, teacher, distil_temperature,
-          distil_weight, learning_rate, resume):
+          precision, equalise, gamma, invert, gin, rim_erase, clean_epochs, downsize, oversample, balance, init, teacher,
+          distil_temperature, distil_weight, learning_rate, resume):
     """Train the CNN on the class folders of DATA (a folder or .zip archive); write the model, card and plots.
 
     Example: python cli.py train ../shared/data/brain-tumor-mri/Training --out models/brainscan-v1
@@ -423,7 +426,8 @@ def train(data, out, epochs, batch_size, size, width, dilate, convs, pool, tower
     cfg = TrainConfig(data, out, epochs=epochs, batch_size=batch_size, size=size, width=width, dilate=dilate, convs=convs,
                       pool=pool, towers=towers, seed=seed, split_seed=split_seed,
                       val_fraction=val_fraction, precision=precision, equalise=equalise, gamma=gamma,
-                      invert=invert, gin=gin, clean_epochs=clean_epochs, downsize=downsize, oversample=oversample,
+                      invert=invert, gin=gin, rim_erase=rim_erase, clean_epochs=clean_epochs, downsize=downsize,
+                      oversample=oversample,
                       balance=balance, init=init, teacher=teacher, distil_temperature=distil_temperature,
                       distil_weight=distil_weight, learning_rate=learning_rate, resume=resume,
                       command="python " + shlex.join(["cli.py", *sys.argv[1:]]))

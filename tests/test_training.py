@@ -423,6 +423,36 @@ def test_a_random_contrast_is_drawn_for_each_scan_of_a_batch():
     assert all(not np.allclose(y[i], y[j]) for i in range(4) for j in range(i + 1, 4))
 
 
+def test_stripping_the_rim_blacks_out_the_heads_edge_and_keeps_its_centre_unchanged():
+    import tensorflow as tf
+
+    from training.data import RIM_RADII, head_mask, strip_rim
+
+    x = _example_scans(4)
+    y = strip_rim(tf.constant(x), seed=3).numpy()
+    head = head_mask(tf.constant(x), opening=5).numpy() > 0
+    # Pixels of the head within the smallest radius of its edge (or of the image's) are always blacked out.
+    core = -tf.nn.max_pool2d(-np.pad(head, [[0, 0], [6, 6], [6, 6], [0, 0]]).astype(np.float32), 13, 1, "VALID")
+    rim = head & (core.numpy() == 0)
+
+    assert RIM_RADII[0] == 6 and rim.sum() > 0
+    assert np.all(y[rim] == 0.0)
+    assert np.all((y == x) | (y == 0.0))
+    c = x.shape[1] // 2
+    np.testing.assert_array_equal(y[:, c - 10:c + 10, c - 10:c + 10], x[:, c - 10:c + 10, c - 10:c + 10])
+
+
+def test_the_rim_is_drawn_for_each_scan_of_a_batch():
+    import tensorflow as tf
+
+    from training.data import strip_rim
+
+    same = np.repeat(_example_scans(1), 8, axis=0)
+    y = strip_rim(tf.constant(same), seed=3).numpy()
+
+    assert len({int((row > 0).sum()) for row in y}) >= 2
+
+
 def test_a_grouped_convolution_convolves_each_scan_with_its_own_kernel():
     import tensorflow as tf
 

@@ -300,6 +300,26 @@ def random_contrast(x, seed: int, layers: int = 4, channels: int = 2, head_level
     return head * tf.clip_by_value(alpha * y + (1.0 - alpha) * x, 0.0, 1.0)
 
 
+RIM_RADII = (6, 10, 14)  # pixels at 160 px: about the skull and scalp, up to the outer cortex
+
+
+def strip_rim(x, seed: int, head_level: float = 0.04):
+    """Each scan with its head's outer rim blacked out, a rim of one of RIM_RADII drawn per scan.
+
+    The rim is the skull, the scalp and the outer cortex. Where a class rests on how they look (their
+    source's sequence and contrast agent), the Grad-CAM peak sits on them instead of on the lesion.
+    """
+    import tensorflow as tf
+
+    head = head_mask(x, head_level, opening=5)
+    # Padded with background, so a head that the crop cuts at the image's edge is eroded from that side too.
+    eroded = tf.stack([-tf.nn.max_pool2d(-tf.pad(head, [[0, 0], [r, r], [r, r], [0, 0]]), 2 * r + 1, 1, "VALID")
+                       for r in RIM_RADII], axis=0)
+    pick = tf.random.uniform([tf.shape(x)[0]], 0, len(RIM_RADII), dtype=tf.int32, seed=seed)
+    mask = tf.gather(tf.transpose(eroded, [1, 0, 2, 3, 4]), pick, batch_dims=1)
+    return x * mask
+
+
 def some_of(x, share: float, changed, seed: int):
     """A share of the scans of batch x, drawn at random, replaced by their rows in changed."""
     import tensorflow as tf
@@ -310,7 +330,7 @@ def some_of(x, share: float, changed, seed: int):
 
 def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes: int, gamma: float = 0.0,
              invert: float = 0.0, augmenting=None, twins=None, downsize: float = 0.0, gin: float = 0.0,
-             soft=None):
+             soft=None, rim: float = 0.0):
     """tf.data pipelines: shuffled and augmented for training, plain for validation.
 
     augmenting, a boolean tf.Variable, switches the training augmentation down to left-right flips while it
@@ -321,6 +341,7 @@ def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes
     invert > 0 is the share of training scans shown as their negative (invert_head), so a tumour is seen in
     both contrasts whatever sequence its source used.
     gin > 0 is the share of training scans given a random contrast (random_contrast).
+    rim > 0 is the share of training scans whose head's outer rim is blacked out (strip_rim).
     twins, (arrays, mask) from downsized_twins, with downsize > 0: that share of the training scans that have
     a twin are shown as it, so a tumour is also seen with the small sources' resolution and JPEG artefacts.
     soft, (train logits, validation logits) of a teacher (training.distil): each target row is the one-hot
@@ -349,6 +370,8 @@ def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes
             x = some_of(x, invert, invert_head(x), seed + 7)
         if gin > 0:
             x = some_of(x, gin, random_contrast(x, seed), seed + 9)
+        if rim > 0:
+            x = some_of(x, rim, strip_rim(x, seed + 11), seed + 10)
         return x, target(row["y"], row.get("soft"))
 
     def val_map(row):

@@ -31,6 +31,7 @@ class TrainConfig:
     equalise: bool = False  # head histogram equalisation in the preprocessing (vision.preprocess.equalise_head)
     invert: float = 0.0  # share of training scans shown as their head's negative (data.invert_head)
     gin: float = 0.0  # share of training scans given a random contrast (data.random_contrast)
+    rim_erase: float = 0.0  # share of training scans with the head's outer rim blacked out (data.strip_rim)
     clean_epochs: int = 0  # the last N epochs see left-right flips only, as served scans look
     downsize: float = 0.0  # share of large training scans shown as a downsized JPEG copy (data.downsized_twins)
     oversample: int = 1  # > 1: scans of their class's rare size group (data.rare_source_repeats) shown that often
@@ -327,7 +328,8 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
     augmenting = tf.Variable(True, trainable=False)
     train_ds, val_ds = tdata.datasets(x_train, y_train, data.x_val, data.y_val, batch_size, seed,
                                       len(CLASSES), gamma=cfg.gamma, invert=cfg.invert, augmenting=augmenting,
-                                      twins=twins, downsize=cfg.downsize, gin=cfg.gin, soft=soft)
+                                      twins=twins, downsize=cfg.downsize, gin=cfg.gin, soft=soft,
+                                      rim=cfg.rim_erase)
     model = build_model(cfg.size, len(CLASSES), stages=stages, pool=cfg.pool)
     if cfg.init:
         start_from(model, cfg.init)
