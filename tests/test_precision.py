@@ -65,8 +65,10 @@ def test_shipped_model_in_bfloat16_gives_the_float32_classes_probabilities_and_h
     assert (bf_probs.argmax(axis=1) == probs.argmax(axis=1)).all()
     assert np.abs(bf_probs - probs).max() < 0.005
     assert np.abs(bf_cams - cams).max() < 0.02
-    peaks = [c.reshape(len(c), -1).argmax(axis=1) for c in (cams, bf_cams)]
-    assert (peaks[0] == peaks[1]).all()
+    # Two cells may tie to within rounding (Tr-gl_0207: 0.99998 and 0.99899 in float32, the other way round in
+    # bfloat16), so the check is that bfloat16 rates float32's peak cell as a peak, not that argmax agrees.
+    at_float32_peak = bf_cams.reshape(len(x), -1)[np.arange(len(x)), cams.reshape(len(x), -1).argmax(axis=1)]
+    assert at_float32_peak.min() > 0.98
 
 
 def test_runtime_reports_the_precision_it_serves_in(tiny_model):
