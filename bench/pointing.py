@@ -61,14 +61,14 @@ def hit(row: dict, y: float, x: float, side: int) -> bool:
 
 def exported_peaks(runtime, datas: list[bytes]) -> list[tuple[int, int, int]]:
     """(row, col, image side) of each scan's exported heatmap peak."""
-    from jobs.heatmaps import scan_heatmap
+    from jobs.heatmaps import scan_heatmap, to_stored
     from vision.preprocess import prepare_bytes
 
     prepared = [prepare_bytes(d, runtime.preprocessing) for d in datas]
     _, cams = runtime.explain(np.stack([p.array for p in prepared]))
     peaks = []
     for prep, cam in zip(prepared, cams):
-        stored = np.clip(np.round(cam * 255), 0, 255).astype(np.uint8)  # as classify() stores it
+        stored = to_stored(cam)
         on_scan = scan_heatmap(stored.tobytes(), *stored.shape, prep.geometry())
         y, x = np.unravel_index(int(np.argmax(on_scan)), on_scan.shape)
         peaks.append((int(y), int(x), max(prep.width, prep.height)))

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import numpy as np
-from matplotlib import colormaps
 
 from vision.preprocess import cam_to_scan
 
 COLORMAP = "inferno"  # perceptual and readable in grayscale print
+
+
+def to_stored(cam: np.ndarray) -> np.ndarray:
+    """A Grad-CAM map in [0, 1] as the uint8 array a result stores."""
+    return np.clip(np.round(cam * 255), 0, 255).astype(np.uint8)
 
 
 def stored_cam(heatmap: bytes, height: int, width: int) -> np.ndarray:
@@ -27,6 +31,8 @@ def gray_png(cam: np.ndarray) -> np.ndarray:
 
 def overlay(scan_gray: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """RGB uint8: the colour-mapped heatmap blended over the grayscale scan, weighted by heat."""
+    from matplotlib import colormaps  # only where an overlay is drawn: workers store maps, they never draw
+
     base = np.repeat(np.clip(scan_gray, 0, 1)[..., None], 3, axis=2)
     colour = colormaps[COLORMAP](cam)[..., :3]
     weight = alpha * cam[..., None]

@@ -18,6 +18,7 @@ from db.models import Job, Result, Scan
 from db.session import session_scope
 from db.upsert import insert_ignore
 from jobs import sources
+from jobs.heatmaps import to_stored
 from vision.decode import HEAD_BYTES, sniff
 from vision.errors import ModelError, ScanError
 from vision.preprocess import prepare_bytes
@@ -147,7 +148,7 @@ def classify(url: str, runtime, job: Job, scans: list[Scan]) -> BatchOutcome:
             probs, cams = runtime.explain(np.stack([prepared[s].array for s in shas_new]))
             rows = []
             for i, sha in enumerate(shas_new):
-                cam = np.clip(np.round(cams[i] * 255), 0, 255).astype(np.uint8)
+                cam = to_stored(cams[i])
                 rows.append({
                     "sha256": sha, "model_sha256": runtime.sha256,
                     "predicted_label": runtime.classes[int(np.argmax(probs[i]))],
