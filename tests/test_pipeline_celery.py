@@ -1,6 +1,7 @@
 """End to end through real Celery workers on Redis with PostgreSQL, with the shipped model."""
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -14,7 +15,9 @@ from db.session import session_scope
 from jobs.lifecycle import enqueue_job, new_job, wait
 from jobs.progress import resume
 from jobs.report import job_report
+from tests import services
 from tests.conftest import variant_folder
+from vision.modelio import write_card
 
 pytestmark = pytest.mark.slow
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
@@ -128,3 +131,24 @@ def test_resubmitting_a_folder_computes_nothing_new(scan_folder, shipped_model, 
     assert (p.done, p.failed) == (17, 1)
     assert results_after == results_before
     assert from_cache == 17
+
+
+def test_a_worker_whose_processes_cannot_load_the_model_stops_with_the_reason(scan_folder, shipped_model, pg_url,
+                                                                             redis_url, env_for, tmp_path):
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(b"not a model")
+    write_card(bad, json.loads(shipped_model.with_suffix(".json").read_text()))  # a card that matches the bytes
+    settings, env = env_for(bad, pg_url, redis_url)
+    job_id = new_job(settings, scan_folder)
+    enqueue_job(settings, job_id)
+    worker = services.Worker(env, tmp_path / "worker.log")
+    try:
+        exit_code = worker.proc.wait(timeout=180)
+    finally:
+        worker.stop()
+
+    assert exit_code == 1
+    assert f"{bad}: cannot be loaded in safe mode: " in worker.log.read_text()
+    with session_scope(settings.database_url) as s:  # nothing was attempted, so nothing is lost: resume can rerun it
+        assert s.execute(select(Scan.status, func.count(), func.sum(Scan.attempts)).where(Scan.job_id == job_id)
+                         .group_by(Scan.status)).all() == [("pending", 18, 0)]
