@@ -374,8 +374,9 @@ def migrate():
 @click.option("--val-fraction", default=train_defaults.VAL_FRACTION, show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "float32", "mixed_bfloat16", "mixed_float16"]),
               default="auto", show_default=True,
-              help="auto: mixed float16 on a GPU, float32 on a CPU (mixed_bfloat16 is ~1.8x faster per step "
-                   "on CPUs with AMX). The saved model is float32 either way.")
+              help="auto: mixed float16 on a GPU, mixed bfloat16 on a CPU with AVX512-BF16 or AMX, float32 "
+                   "elsewhere (bfloat16 without those instructions is ~20x slower). The saved model is float32 "
+                   "either way.")
 @click.option("--equalise", is_flag=True,
               help="Preprocess with head histogram equalisation instead of the 99.5th-percentile scale "
                    "(recorded in the card, so the worker does the same).")

@@ -463,3 +463,36 @@ def test_a_grouped_convolution_convolves_each_scan_with_its_own_kernel():
     one_at_a_time = [tf.nn.conv2d(x[i:i + 1], kernel[i], 1, "SAME").numpy()[0] for i in range(3)]
 
     np.testing.assert_allclose(grouped_conv(tf.constant(x), tf.constant(kernel)).numpy(), one_at_a_time, atol=1e-5)
+
+
+AVX2 = {"avx", "avx2", "fma"}
+
+
+def test_auto_trains_in_mixed_float16_on_a_gpu():
+    from training.train import training_precision
+
+    assert training_precision("auto", ["GPU:0"], AVX2) == ("mixed_float16", None)
+
+
+def test_auto_trains_in_mixed_bfloat16_on_a_cpu_with_bfloat16_instructions():
+    from training.train import training_precision
+
+    assert training_precision("auto", [], AVX2 | {"avx512f", "avx512_bf16"}) == ("mixed_bfloat16", None)
+    assert training_precision("auto", [], AVX2 | {"amx_bf16"}) == ("mixed_bfloat16", None)
+
+
+def test_auto_trains_in_float32_on_a_cpu_without_them():
+    from training.train import training_precision
+
+    assert training_precision("auto", [], AVX2 | {"avx512f"}) == ("float32", None)
+
+
+def test_mixed_bfloat16_asked_for_on_a_cpu_without_bfloat16_instructions_is_kept_with_a_warning():
+    from training.train import training_precision
+
+    precision, warning = training_precision("mixed_bfloat16", [], AVX2)
+
+    assert precision == "mixed_bfloat16"
+    assert warning == ("this CPU has no bfloat16 instructions (AVX512-BF16 or AMX): mixed_bfloat16 runs on "
+                       "fallback kernels, about 20x slower a step than float32; --precision auto trains in "
+                       "float32 here")

@@ -15,7 +15,8 @@ from jobs.metrics import classification_metrics
 from training import data as tdata
 from training import defaults, distil
 from vision.preprocess import DEFAULTS
-from vision.runtime import cpu_description
+from vision.precision import BF16_FLAGS
+from vision.runtime import cpu_description, cpu_flags
 
 
 @dataclass
@@ -62,6 +63,22 @@ class TrainConfig:
     stages: tuple = field(default=None)
 
 
+def training_precision(requested: str, gpus: list, flags: set[str]) -> tuple[str, str | None]:
+    """The dtype policy to train in, and a warning when the one requested runs on slow fallback kernels here.
+
+    Auto is mixed float16 on a GPU, mixed bfloat16 on a CPU with AVX512-BF16 or AMX, float32 elsewhere: on an
+    AVX2-only CPU a mixed-bfloat16 step took 23.7 s against 1.1 s in float32 (oneDNN falls back to Eigen).
+    """
+    bf16_cpu = any(f in flags for f in BF16_FLAGS)
+    if requested == "auto":
+        return ("mixed_float16" if gpus else "mixed_bfloat16" if bf16_cpu else "float32"), None
+    if requested == "mixed_bfloat16" and not gpus and not bf16_cpu:
+        return requested, ("this CPU has no bfloat16 instructions (AVX512-BF16 or AMX): mixed_bfloat16 runs on "
+                           "fallback kernels, about 20x slower a step than float32; --precision auto trains in "
+                           "float32 here")
+    return requested, None
+
+
 def setup_devices(precision: str = "auto") -> tuple[str, str]:
     """Memory growth and mixed precision where the hardware gains from it. Returns (description, dtype policy)."""
     import keras
@@ -70,8 +87,9 @@ def setup_devices(precision: str = "auto") -> tuple[str, str]:
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
-    if precision == "auto":
-        precision = "mixed_float16" if gpus else "float32"
+    precision, warning = training_precision(precision, gpus, cpu_flags())
+    if warning:
+        print(f"warning: {warning}", flush=True)
     keras.mixed_precision.set_global_policy(precision)
     if gpus:
         return f"{len(gpus)} GPU(s): " + ", ".join(g.name for g in gpus), precision
