@@ -15,7 +15,7 @@ from jobs.metrics import classification_metrics
 from training import data as tdata
 from training import defaults, distil
 from vision.preprocess import DEFAULTS
-from vision.precision import BF16_FLAGS
+from vision.precision import has_bfloat16
 from vision.runtime import cpu_description, cpu_flags
 
 
@@ -69,7 +69,7 @@ def training_precision(requested: str, gpus: list, flags: set[str]) -> tuple[str
     Auto is mixed float16 on a GPU, mixed bfloat16 on a CPU with AVX512-BF16 or AMX, float32 elsewhere: on an
     AVX2-only CPU a mixed-bfloat16 step took 23.7 s against 1.1 s in float32 (oneDNN falls back to Eigen).
     """
-    bf16_cpu = any(f in flags for f in BF16_FLAGS)
+    bf16_cpu = has_bfloat16(flags)
     if requested == "auto":
         return ("mixed_float16" if gpus else "mixed_bfloat16" if bf16_cpu else "float32"), None
     if requested == "mixed_bfloat16" and not gpus and not bf16_cpu:

