@@ -362,7 +362,7 @@ def migrate():
                    "at the same weights and FLOPs.")
 @click.option("--convs", callback=lambda ctx, param, value: parse_counts(value),
               help="Conv blocks in each of the 4 stages, comma-separated (default 1,1,2,2).")
-@click.option("--pool", type=click.Choice(["avg", "max"]), default="avg", show_default=True,
+@click.option("--pool", type=click.Choice(["avg", "max"]), default=train_defaults.POOL, show_default=True,
               help="Global pooling before the head: max makes each class point at its strongest cell.")
 @click.option("--towers", default=1, show_default=True,
               help="Networks trained one after another (seeds SEED, SEED+1, ...) and served as one model "
@@ -390,6 +390,9 @@ def migrate():
 @click.option("--rim-erase", default=0.0, show_default=True,
               help="Share of training scans whose head's outer rim (skull, scalp, outer cortex) is blacked out, "
                    "so no class rests on how they look.")
+@click.option("--cutmix", default=0.0, show_default=True,
+              help="Share of training scans with a box of another training scan pasted in, labels mixed by how "
+                   "much of each head shows (CutMix): a class must be shown where it is. Not with --teacher.")
 @click.option("--clean-epochs", default=0, show_default=True,
               help="The last N epochs augment with left-right flips only, so training ends on scans as served.")
 @click.option("--downsize", default=0.0, show_default=True,
@@ -415,8 +418,8 @@ def migrate():
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint.")
 @domain_errors
 def train(data, out, epochs, batch_size, size, width, dilate, convs, pool, towers, seed, split_seed, val_fraction,
-          precision, equalise, gamma, invert, gin, rim_erase, clean_epochs, downsize, oversample, balance, init, teacher,
-          distil_temperature, distil_weight, learning_rate, resume):
+          precision, equalise, gamma, invert, gin, rim_erase, cutmix, clean_epochs, downsize, oversample, balance, init,
+          teacher, distil_temperature, distil_weight, learning_rate, resume):
     """Train the CNN on the class folders of DATA (a folder or .zip archive); write the model, card and plots.
 
     Example: python cli.py train ../shared/data/brain-tumor-mri/Training --out models/brainscan-v1
@@ -424,13 +427,16 @@ def train(data, out, epochs, batch_size, size, width, dilate, convs, pool, tower
     from training.train import TrainConfig
     from training.train import train as run_training
 
+    if cutmix and teacher:
+        raise click.UsageError("--cutmix mixes labels, not the teacher's logits: use one or the other")
+
     cfg = TrainConfig(data, out, epochs=epochs, batch_size=batch_size, size=size, width=width, dilate=dilate, convs=convs,
                       pool=pool, towers=towers, seed=seed, split_seed=split_seed,
                       val_fraction=val_fraction, precision=precision, equalise=equalise, gamma=gamma,
-                      invert=invert, gin=gin, rim_erase=rim_erase, clean_epochs=clean_epochs, downsize=downsize,
-                      oversample=oversample,
-                      balance=balance, init=init, teacher=teacher, distil_temperature=distil_temperature,
-                      distil_weight=distil_weight, learning_rate=learning_rate, resume=resume,
+                      invert=invert, gin=gin, rim_erase=rim_erase, cutmix=cutmix, clean_epochs=clean_epochs,
+                      downsize=downsize, oversample=oversample, balance=balance, init=init, teacher=teacher,
+                      distil_temperature=distil_temperature, distil_weight=distil_weight, learning_rate=learning_rate,
+                      resume=resume,
                       command="python " + shlex.join(["cli.py", *sys.argv[1:]]))
     try:
         card = run_training(cfg)

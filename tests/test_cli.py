@@ -59,3 +59,13 @@ def test_train_refuses_conv_counts_for_another_number_of_stages(tmp_path):
     result = CliRunner().invoke(cli, ["train", str(tmp_path), "--convs", "1,2,2"])
 
     assert (result.exit_code, result.output) == (1, "Error: --convs needs 4 counts of 1 or more, got (1, 2, 2)\n")
+
+
+def test_train_refuses_cutmix_with_a_teacher(tmp_path):
+    teacher = tmp_path / "teacher.keras"
+    teacher.write_bytes(b"")
+    result = CliRunner().invoke(cli, ["train", str(tmp_path), "--cutmix", "0.5", "--teacher", str(teacher)])
+
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1] == (
+        "Error: --cutmix mixes labels, not the teacher's logits: use one or the other")

@@ -65,16 +65,16 @@ def test_training_cache_holds_exactly_the_inference_arrays(tmp_path):
         np.testing.assert_array_equal(b, expected)
 
 
-def test_a_max_pooled_training_says_so_in_its_card_and_is_served(tmp_path):
+def test_an_average_pooled_training_says_so_in_its_card_and_is_served(tmp_path):
     from training.train import TrainConfig, train
     from vision.runtime import Runtime
 
-    out = tmp_path / "gmp"
-    card = train(TrainConfig(EXAMPLES, out, epochs=1, size=64, val_fraction=0.25, pool="max",
-                             cache_dir=tmp_path / "cache", command="pytest max pooling"))
+    out = tmp_path / "gap"
+    card = train(TrainConfig(EXAMPLES, out, epochs=1, size=64, val_fraction=0.25, pool="avg",
+                             cache_dir=tmp_path / "cache", command="pytest average pooling"))
     probs, cams = Runtime(out.with_suffix(".keras"), precision="float32").explain(np.zeros((2, 64, 64, 1), np.float32))
 
-    assert card["pooling"] == "max"
+    assert card["pooling"] == "avg"
     assert probs.shape == (2, 4) and cams.shape == (2, 8, 8)
 
 
@@ -87,7 +87,7 @@ def test_tiny_training_writes_model_card_and_plots(tiny_model):
     assert set(card["train_sha256"]).isdisjoint(card["validation_sha256"])
     assert len(card["history"]) == 1 and card["training_command"] == "pytest tiny model"
     assert card["split_seed"] == card["seed"]
-    assert card["pooling"] == "avg"
+    assert card["pooling"] == "max" and card["config"]["width"] == 24  # the shipped recipe's defaults
     assert card["hardware"] == f"CPU: {cpu_description()}"
     assert (tiny_model.parent / "tiny-curves.png").stat().st_size > 0
     assert (tiny_model.parent / "tiny-confusion.png").stat().st_size > 0
@@ -334,7 +334,20 @@ def test_fine_tuning_refuses_a_model_of_another_width(tiny_model, tmp_path):
                           init=tiny_model, cache_dir=tmp_path / "cache", command="pytest init"))
 
 
-def test_a_scan_whose_size_group_is_rare_in_its_class_is_repeated():
+def test_a_training_that_fails_leaves_the_dtype_policy_as_it_was(tiny_model, tmp_path):
+    import keras
+
+    from training.train import TrainConfig, train
+    from vision.errors import ModelError
+
+    with pytest.raises(ModelError):
+        train(TrainConfig(EXAMPLES, tmp_path / "wide", epochs=1, size=64, val_fraction=0.25, width=8,
+                          precision="mixed_bfloat16", init=tiny_model, cache_dir=tmp_path / "cache"))
+
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+
     from training.data import rare_source_repeats
 
     examples = labelled_examples(EXAMPLES)  # meningioma: three scans under 300 px and one of 512 px
@@ -451,6 +464,78 @@ def test_the_rim_is_drawn_for_each_scan_of_a_batch():
     y = strip_rim(tf.constant(same), seed=3).numpy()
 
     assert len({int((row > 0).sum()) for row in y}) >= 2
+
+
+def _flat_heads(values) -> np.ndarray:
+    """Scans that are all head, each of one grey level, so a pasted box shows by its value."""
+    return np.stack([np.full((32, 32, 1), v, np.float32) for v in values])
+
+
+def test_cutmix_pastes_a_box_of_the_next_scan_and_mixes_the_labels_by_its_share_of_the_head():
+    import tensorflow as tf
+
+    from training.data import cutmix
+
+    values = [0.2, 0.4, 0.6, 0.8, 1.0, 0.3, 0.5, 0.7]
+    x, labels = _flat_heads(values), np.eye(4, dtype=np.float32)[np.arange(8) % 4]
+    mixed, mixed_labels = (t.numpy() for t in cutmix(tf.constant(x), tf.constant(labels), share=1.0, seed=3))
+
+    for i in range(8):
+        box = mixed[i] == values[i - 1]
+        rows, cols = np.flatnonzero(box.any(axis=(1, 2))), np.flatnonzero(box.any(axis=(0, 2)))
+        assert np.all((mixed[i] == values[i]) | box)
+        if box.any():  # one rectangle, as a box clipped at the image's edge stays
+            assert box.sum() == len(rows) * len(cols) == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+        w = box.mean()
+        np.testing.assert_allclose(mixed_labels[i], (1 - w) * labels[i] + w * labels[i - 1], atol=1e-6)
+    assert len({round(float((mixed[i] == values[i - 1]).mean()), 3) for i in range(8)}) > 1  # a size per scan
+
+
+def test_cutmix_of_a_share_of_zero_leaves_scans_and_labels_as_they_were():
+    import tensorflow as tf
+
+    from training.data import cutmix
+
+    x, labels = _example_scans(4), np.eye(4, dtype=np.float32)
+    mixed, mixed_labels = cutmix(tf.constant(x), tf.constant(labels), share=0.0, seed=3)
+
+    np.testing.assert_array_equal(mixed.numpy(), x)
+    np.testing.assert_array_equal(mixed_labels.numpy(), labels)
+
+
+def test_a_box_pasted_from_black_background_adds_no_class():
+    import tensorflow as tf
+
+    from training.data import cutmix
+
+    x = np.concatenate([_example_scans(1), np.zeros((1, 160, 160, 1), np.float32)])
+    labels = np.eye(4, dtype=np.float32)[[1, 2]]
+    _, mixed_labels = cutmix(tf.constant(x), tf.constant(labels), share=1.0, seed=3)
+
+    np.testing.assert_array_equal(mixed_labels.numpy()[0], labels[0])
+
+
+def test_with_cutmix_training_targets_are_mixed_labels():
+    import tensorflow as tf
+
+    from training.data import datasets
+
+    x, y = _flat_heads(np.linspace(0.1, 1.0, 16)), np.arange(16, dtype=np.int32) % 4
+    train_ds, _ = datasets(x, y, x, y, batch_size=16, seed=1, classes=4, augmenting=tf.Variable(False), mix=1.0)
+    _, targets = next(iter(train_ds))
+    targets = targets.numpy()
+
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0, atol=1e-6)
+    assert (targets.max(axis=1) < 1.0).any()
+
+
+def test_cutmix_is_refused_with_a_teachers_logits():
+    from training.data import datasets
+
+    x, y = _flat_heads(np.linspace(0.1, 1.0, 4)), np.arange(4, dtype=np.int32)
+    soft = (np.zeros((4, 4), np.float32), np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match="^cutmix mixes labels, not a teacher's logits: train with one or the other$"):
+        datasets(x, y, x, y, batch_size=4, seed=1, classes=4, soft=soft, mix=0.5)
 
 
 def test_a_grouped_convolution_convolves_each_scan_with_its_own_kernel():

@@ -320,6 +320,33 @@ def strip_rim(x, seed: int, head_level: float = 0.04):
     return x * mask
 
 
+def cutmix(x, labels, share: float, seed: int, head_level: float = 0.04):
+    """A share of the scans of batch x with a box pasted in from the next scan of the batch, their labels mixed.
+
+    CutMix (Yun et al., ICCV 2019), which with global pooling improves how well class maps localise: a scan
+    holds two classes in known places, so evidence spread over the whole slice (its source's look) cannot say
+    which class is where. The box covers a U(0, 1) share of the image; the labels are mixed by how much of the
+    mixed scan's head each scan supplies, not by the box's area, since a box over the black background carries
+    no class.
+    """
+    import tensorflow as tf
+
+    n, side = tf.shape(x)[0], x.shape[1]
+    other, other_labels = tf.roll(x, 1, axis=0), tf.roll(labels, 1, axis=0)
+    cut = tf.sqrt(tf.random.uniform([n], seed=seed)) * side
+    centre = tf.random.uniform([n, 2], 0, side, seed=seed + 1)
+    grid = tf.cast(tf.range(side), x.dtype)
+    rows = tf.abs(grid[None, :] - centre[:, :1]) < cut[:, None] / 2
+    cols = tf.abs(grid[None, :] - centre[:, 1:]) < cut[:, None] / 2
+    chosen = tf.random.uniform([n, 1, 1], seed=seed + 2) < share
+    box = tf.cast(rows[:, :, None] & cols[:, None, :] & chosen, x.dtype)[..., None]
+    mixed = x * (1.0 - box) + other * box
+    kept = tf.reduce_sum(head_mask(x, head_level, opening=5) * (1.0 - box), axis=[1, 2, 3])
+    pasted = tf.reduce_sum(head_mask(other, head_level, opening=5) * box, axis=[1, 2, 3])
+    w = (pasted / tf.maximum(kept + pasted, 1.0))[:, None]
+    return mixed, (1.0 - w) * labels + w * other_labels
+
+
 def some_of(x, share: float, changed, seed: int):
     """A share of the scans of batch x, drawn at random, replaced by their rows in changed."""
     import tensorflow as tf
@@ -330,7 +357,7 @@ def some_of(x, share: float, changed, seed: int):
 
 def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes: int, gamma: float = 0.0,
              invert: float = 0.0, augmenting=None, twins=None, downsize: float = 0.0, gin: float = 0.0,
-             soft=None, rim: float = 0.0):
+             soft=None, rim: float = 0.0, mix: float = 0.0):
     """tf.data pipelines: shuffled and augmented for training, plain for validation.
 
     augmenting, a boolean tf.Variable, switches the training augmentation down to left-right flips while it
@@ -342,6 +369,8 @@ def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes
     both contrasts whatever sequence its source used.
     gin > 0 is the share of training scans given a random contrast (random_contrast).
     rim > 0 is the share of training scans whose head's outer rim is blacked out (strip_rim).
+    mix > 0 is the share of training scans with a box of another scan pasted in, labels mixed (cutmix); not
+    with a teacher's logits, which belong to the unmixed scan.
     twins, (arrays, mask) from downsized_twins, with downsize > 0: that share of the training scans that have
     a twin are shown as it, so a tumour is also seen with the small sources' resolution and JPEG artefacts.
     soft, (train logits, validation logits) of a teacher (training.distil): each target row is the one-hot
@@ -349,6 +378,8 @@ def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes
     """
     import tensorflow as tf
 
+    if mix > 0 and soft is not None:
+        raise ValueError("cutmix mixes labels, not a teacher's logits: train with one or the other")
     aug = augmenter(seed)
     flip = aug.get_layer("flip")
     augmenting = tf.constant(True) if augmenting is None else augmenting
@@ -372,6 +403,8 @@ def datasets(x_train, y_train, x_val, y_val, batch_size: int, seed: int, classes
             x = some_of(x, gin, random_contrast(x, seed), seed + 9)
         if rim > 0:
             x = some_of(x, rim, strip_rim(x, seed + 11), seed + 10)
+        if mix > 0:
+            return cutmix(x, target(row["y"], None), mix, seed + 12)
         return x, target(row["y"], row.get("soft"))
 
     def val_map(row):

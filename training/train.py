@@ -33,6 +33,7 @@ class TrainConfig:
     invert: float = 0.0  # share of training scans shown as their head's negative (data.invert_head)
     gin: float = 0.0  # share of training scans given a random contrast (data.random_contrast)
     rim_erase: float = 0.0  # share of training scans with the head's outer rim blacked out (data.strip_rim)
+    cutmix: float = 0.0  # share of training scans with a box of another scan pasted in, labels mixed (data.cutmix)
     clean_epochs: int = 0  # the last N epochs see left-right flips only, as served scans look
     downsize: float = 0.0  # share of large training scans shown as a downsized JPEG copy (data.downsized_twins)
     oversample: int = 1  # > 1: scans of their class's rare size group (data.rare_source_repeats) shown that often
@@ -42,10 +43,9 @@ class TrainConfig:
     distil_temperature: float = defaults.DISTIL_TEMPERATURE
     distil_weight: float = defaults.DISTIL_WEIGHT
     ema_momentum: float = 0.998  # about 3.4 epochs of 146 steps; 0 turns the weight average off
-    # auto: mixed float16 on GPUs, float32 on CPUs. mixed_bfloat16 trains 1.8x faster per step on a CPU with
-    # AMX (the Intel machine of earlier sessions) and 1.3x on an AMD EPYC with AVX512-BF16 (1.25 against 1.67 s
-    # per step of 32, measured with a training run sharing the cores). The shipped width-32 model was trained in
-    # it (README); auto stays float32 on CPUs because CPUs without AMX or AVX512-BF16 gain nothing.
+    # auto: training_precision's choice. mixed_bfloat16 trains 1.8x faster per step on a CPU with AMX and 1.3x
+    # on an AMD EPYC with AVX512-BF16 (1.25 against 1.67 s per step of 32, a training run sharing the cores);
+    # without those instructions it is ~20x slower, so auto picks it only where they are.
     precision: str = "auto"
     val_fraction: float = defaults.VAL_FRACTION
     seed: int = defaults.SEED
@@ -55,7 +55,7 @@ class TrainConfig:
     width: int = defaults.WIDTH
     dilate: bool = False  # the last stage's convs dilated (architecture.DILATIONS): a head-wide receptive field
     convs: tuple | None = None  # conv blocks per stage (architecture.SHAPE's when None)
-    pool: str = "avg"  # global pooling before the head: avg or max (architecture.POOLS)
+    pool: str = defaults.POOL  # global pooling before the head: avg or max (architecture.POOLS)
     towers: int = 1  # > 1: that many networks trained one after another (seeds seed, seed+1, ...) and merged
     resume: bool = False
     command: str = ""
@@ -80,8 +80,7 @@ def training_precision(requested: str, gpus: list, flags: set[str]) -> tuple[str
 
 
 def setup_devices(precision: str = "auto") -> tuple[str, str]:
-    """Memory growth and mixed precision where the hardware gains from it. Returns (description, dtype policy)."""
-    import keras
+    """Memory growth, and the dtype policy to train in (set by fit_network). Returns (description, policy)."""
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -90,7 +89,6 @@ def setup_devices(precision: str = "auto") -> tuple[str, str]:
     precision, warning = training_precision(precision, gpus, cpu_flags())
     if warning:
         print(f"warning: {warning}", flush=True)
-    keras.mixed_precision.set_global_policy(precision)
     if gpus:
         return f"{len(gpus)} GPU(s): " + ", ".join(g.name for g in gpus), precision
     return f"CPU: {cpu_description()}", precision
@@ -347,7 +345,7 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
     train_ds, val_ds = tdata.datasets(x_train, y_train, data.x_val, data.y_val, batch_size, seed,
                                       len(CLASSES), gamma=cfg.gamma, invert=cfg.invert, augmenting=augmenting,
                                       twins=twins, downsize=cfg.downsize, gin=cfg.gin, soft=soft,
-                                      rim=cfg.rim_erase)
+                                      rim=cfg.rim_erase, mix=cfg.cutmix)
     model = build_model(cfg.size, len(CLASSES), stages=stages, pool=cfg.pool)
     if cfg.init:
         start_from(model, cfg.init)
@@ -446,6 +444,18 @@ def tower_history(histories: list[list[dict]]) -> list[dict]:
 
 def train(cfg: TrainConfig) -> dict:
     """Run a full training; returns the model card. Ctrl-C leaves a resumable checkpoint."""
+    import keras
+
+    # Training switches Keras' process-wide dtype policy; a run that fails or is interrupted must not leave
+    # later models of the process (a worker's, a test's) built in bfloat16.
+    before = keras.mixed_precision.global_policy().name
+    try:
+        return _train(cfg)
+    finally:
+        keras.mixed_precision.set_global_policy(before)
+
+
+def _train(cfg: TrainConfig) -> dict:
     t_start = time.time()
     hardware, policy = setup_devices(cfg.precision)
     import keras
