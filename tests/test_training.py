@@ -222,6 +222,22 @@ def test_with_augmentation_on_training_batches_are_transformed():
     assert not any(np.array_equal(row, scan) or np.array_equal(row, scan[:, ::-1]) for row in batch.numpy() for scan in x)
 
 
+def test_the_training_pipeline_augments_on_one_private_thread_and_the_autotuned_one_is_the_same_data():
+    import tensorflow as tf
+
+    from training.data import datasets
+
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(size=(16, 32, 32, 1)).astype(np.float32), np.arange(16, dtype=np.int32) % 4
+    one, _ = datasets(x, y, x, y, batch_size=8, seed=1, classes=4, augmenting=tf.Variable(False))
+    tuned, _ = datasets(x, y, x, y, batch_size=8, seed=1, classes=4, augmenting=tf.Variable(False), autotune=True)
+
+    assert one.options().threading.private_threadpool_size == 1
+    assert one.options().autotune.enabled is False
+    assert tuned.options().threading.private_threadpool_size is None
+    assert sum(len(b) for b, _ in one) == sum(len(b) for b, _ in tuned) == 16
+
+
 def test_a_model_trained_in_mixed_bfloat16_is_saved_in_float32(tmp_path):
     from tests.conftest import EXAMPLES
     from training.train import TrainConfig, train

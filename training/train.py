@@ -95,9 +95,13 @@ def setup_devices(precision: str = "auto") -> tuple[str, str]:
 
 
 class EpochLog:
-    """Per-epoch line with duration and ETA, and the history kept for the card."""
+    """Per-epoch line with duration, time since `started` and ETA, and the history kept for the card.
 
-    def __new__(cls, total_epochs: int, history: list[dict], state_path: Path, label: str = "", later_epochs: int = 0):
+    The time since start shows what the epochs' own durations leave out (start-up, work between epochs)."""
+
+    def __new__(cls, total_epochs: int, history: list[dict], state_path: Path, label: str = "", later_epochs: int = 0,
+                started: float | None = None):
+        started = time.time() if started is None else started
         import keras
 
         class _Log(keras.callbacks.Callback):
@@ -112,7 +116,8 @@ class EpochLog:
                 eta = dt * (total_epochs - epoch - 1 + later_epochs)
                 print(
                     f"{label}epoch {epoch + 1}/{total_epochs}  {dt:5.1f}s  loss {row['loss']:.4f}  acc {row['accuracy']:.4f}  "
-                    f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  ETA {eta / 60:.1f} min",
+                    f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  "
+                    f"at {(time.time() - started) / 60:.1f} min  ETA {eta / 60:.1f} min",
                     flush=True,
                 )
 
@@ -362,7 +367,7 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
     interrupts = Interrupts()
     callbacks = interrupts.around([
         keras.callbacks.BackupAndRestore(str(work / "backup"), save_freq="epoch", delete_checkpoint=False),
-        EpochLog(cfg.epochs, history, state_path, label, later_epochs),
+        EpochLog(cfg.epochs, history, state_path, label, later_epochs, started=t0),
         keras.callbacks.ModelCheckpoint(str(work / "last.keras"), save_freq="epoch"),
         KeepFinalWeights(cfg.epochs, kept),
         clean_epochs(augmenting, cfg.epochs, cfg.clean_epochs),
