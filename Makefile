@@ -38,3 +38,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/batch.py
 	$(BIN)/python bench/nightly.py
 	$(BIN)/python bench/report.py
+	$(BIN)/python bench/train_step.py

@@ -1,4 +1,4 @@
-"""Resilience: the quick soak (bench/soak.py, 2,000 scans, the same faults as the full one) and the
+"""Resilience: the quick soak (bench/soak.py, 4,000 scans, the same faults as the full one) and the
 regressions it found, each on real services (private Redis/PostgreSQL instances for the faults).
 
 Bounds asserted by the soak test: no duplicate result and no lost scan; the poison quarantined after
@@ -107,17 +107,20 @@ def test_wait_rides_out_a_database_outage(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_quick_soak_loses_nothing_under_faults(shipped_model, tmp_path):
-    """2,000 scans, two workers, a SIGKILL mid-batch, a Redis restart without persistence, PostgreSQL down
+    """4,000 scans, two workers, a SIGKILL mid-batch, a Redis restart without persistence, PostgreSQL down
     30 s, a poison scan: one result per scan content, nothing lost, the poison quarantined."""
+    # 4,000, not 2,000: with the bfloat16 model a CI machine finished 2,000 scans before the third fault
+    # found work left ("too little work left"). Past the Redis restart nothing moves until the reconciliation,
+    # so what is pending then is what the PostgreSQL fault finds: about half the archive here.
     soak = load_soak()
-    result = soak.main(["--scans", "2000", "--tight", "--model", str(shipped_model), "--pg-down", "30",
+    result = soak.main(["--scans", "4000", "--tight", "--model", str(shipped_model), "--pg-down", "30",
                         "--timeout", "420", "--logs", str(tmp_path / "logs")])
     faults = {f["fault"]: f for f in result["faults"]}
 
-    assert result["submitted"] == 2000 and result["job_status"] == "complete"
+    assert result["submitted"] == 4000 and result["job_status"] == "complete"
     assert result["duplicates"] == 0
     assert result["lost"] == 0
-    assert result["results"] + result["failed"] == 2000
+    assert result["results"] + result["failed"] == 4000
 
     kill = faults["sigkill worker mid-batch"]
     assert kill["ran"] and kill["scans_in_killed_batch"] > 0
@@ -139,7 +142,7 @@ def test_quick_soak_loses_nothing_under_faults(shipped_model, tmp_path):
     assert "pending" not in poison["rest_of_batch"] and poison["rest_of_batch"]["done"] >= 25
 
     assert result["broken_wrong"] == [] and result["unexpected_failures"] == 0
-    assert result["failed_by_reason"] == {"empty file (0 bytes)": 3, "corrupt JPEG": 3, "not an image": 2,
+    assert result["failed_by_reason"] == {"empty file (0 bytes)": 6, "corrupt JPEG": 5, "not an image": 5,
                                           "quarantined": 1}
 
     for worker in result["rss"]:
