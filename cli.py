@@ -362,8 +362,9 @@ def migrate():
                    "at the same weights and FLOPs.")
 @click.option("--convs", callback=lambda ctx, param, value: parse_counts(value),
               help="Conv blocks in each of the 4 stages, comma-separated (default 1,1,2,2).")
-@click.option("--pool", type=click.Choice(["avg", "max"]), default=train_defaults.POOL, show_default=True,
-              help="Global pooling before the head: max makes each class point at its strongest cell.")
+@click.option("--pool", type=click.Choice(["avg", "max", "cells"]), default=train_defaults.POOL, show_default=True,
+              help="Global pooling before the head: max makes each class point at its strongest cell; cells "
+                   "scores every cell and takes each class's best, with one logistic loss per class.")
 @click.option("--towers", default=1, show_default=True,
               help="Networks trained one after another (seeds SEED, SEED+1, ...) and served as one model "
                    "whose logits are their mean.")

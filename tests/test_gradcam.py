@@ -44,6 +44,50 @@ def test_with_global_max_pooling_the_closed_form_maps_still_equal_a_gradient_pas
     np.testing.assert_allclose(cams, gradient_grad_cam(model, scans, probs.argmax(axis=1)), atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def cell_scored(mixed_batch):
+    """A random-weight net whose head scores every cell (--pool cells), set so that the scans differ in class."""
+    import keras
+
+    _, scans, _ = mixed_batch
+    model = random_network(6, pool="cells")
+    features = keras.Model(model.inputs, model.get_layer(GRADCAM_LAYER).output)(scans).numpy()
+    mean, std = features.mean(axis=(0, 1, 2)), features.std(axis=(0, 1, 2)) + 1e-6
+    directions = np.random.default_rng(6).normal(size=(features.shape[-1], 4)).astype(np.float32)
+    model.get_layer("class_map").set_weights([directions / std[:, None], -(mean / std) @ directions])
+    return model, scans
+
+
+def test_when_the_head_scores_every_cell_the_closed_form_maps_still_equal_a_gradient_pass(cell_scored):
+    model, scans = cell_scored
+    probs, cams = Explainer(model, GRADCAM_LAYER)(scans)
+
+    assert len(set(probs.argmax(axis=1))) >= 2
+    np.testing.assert_allclose(cams, gradient_grad_cam(model, scans, probs.argmax(axis=1)), atol=1e-5)
+
+
+def test_when_the_head_scores_every_cell_each_map_peaks_at_the_cell_that_gave_its_class_the_logit(cell_scored):
+    import keras
+
+    model, scans = cell_scored
+    probs, cams = Explainer(model, GRADCAM_LAYER)(scans)
+    scores = keras.Model(model.inputs, model.get_layer("class_map").output)(scans).numpy()
+    own = scores[np.arange(len(scans)), ..., probs.argmax(axis=1)]  # (scans, h, w): each row's predicted class
+
+    assert [int(c.argmax()) for c in cams] == [int(s.argmax()) for s in own]
+
+
+def test_a_map_with_no_positive_cell_peaks_where_the_class_score_is_lowered_least():
+    from vision.gradcam import class_activation
+
+    features = np.zeros((1, 2, 3, 1), np.float32)
+    features[0, :, :, 0] = [[1.0, 3.0, 2.0], [4.0, 6.0, 5.0]]
+    logits = np.array([[0.0, -1.0]], np.float32)  # class 0 predicted, whose kernel lowers the score in every cell
+    cam = np.asarray(class_activation(features, logits, np.array([[-1.0, 1.0]], np.float32)))
+
+    np.testing.assert_allclose(cam[0], [[1.0, 0.6, 0.8], [0.4, 0.0, 0.2]], atol=1e-6)
+
+
 def test_a_batch_with_mixed_predicted_classes_equals_maps_computed_one_at_a_time(mixed_batch):
     explain, scans, _ = mixed_batch
     probs, cams = explain(scans)
@@ -85,7 +129,8 @@ def test_a_model_whose_logits_do_not_read_pooled_features_is_refused():
         Explainer(keras.Model(inputs, logits), GRADCAM_LAYER)
 
     assert str(refused.value) == ("Grad-CAM needs 'gradcam_features' -> global average or max pooling "
-                                  "[-> dropout] -> 'logits' (Dense); this model has Dense <- Flatten after it")
+                                  "[-> dropout] -> 'logits' (Dense), or 'gradcam_features' [-> dropout] -> Dense -> "
+                                  "'logits' (global max pooling); this model has Dense <- Flatten after it")
 
 
 def test_batches_run_at_the_next_power_of_two_so_a_worker_compiles_few_shapes():

@@ -101,6 +101,11 @@ def test_average_and_max_pooled_networks_are_not_merged(towers):
         merge_towers([towers[0][0], random_network(7, pool="max")], 64, STAGES)
 
 
+def test_networks_whose_logits_are_their_best_cell_are_not_merged(towers):
+    with pytest.raises(ModelError, match=r"^models whose logits are their best cell's \(--pool cells\) cannot be merged$"):
+        merge_towers([random_network(7, pool="cells"), random_network(8, pool="cells")], 64, STAGES)
+
+
 def test_a_dilated_grad_cam_unit_sees_the_scan_40_px_away_where_a_plain_one_does_not():
     import keras
 

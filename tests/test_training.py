@@ -78,6 +78,35 @@ def test_an_average_pooled_training_says_so_in_its_card_and_is_served(tmp_path):
     assert probs.shape == (2, 4) and cams.shape == (2, 8, 8)
 
 
+def test_a_training_that_scores_every_cell_says_so_in_its_card_checkpoints_and_is_served(tmp_path):
+    import keras
+
+    from training.train import TrainConfig, train
+    from vision.runtime import Runtime
+
+    out = tmp_path / "cells"
+    card = train(TrainConfig(EXAMPLES, out, epochs=1, size=64, val_fraction=0.25, pool="cells",
+                             cache_dir=tmp_path / "cache", command="pytest cell scores"))
+    last = keras.saving.load_model(tmp_path / ".cells-training" / "last.keras", compile=False)
+    probs, cams = Runtime(out.with_suffix(".keras"), precision="float32").explain(np.zeros((2, 64, 64, 1), np.float32))
+
+    assert card["pooling"] == "cells" and card["history"][0]["accuracy"] >= 0
+    assert last.output.shape == (None, 4) and last.layers[-1].name == "probs"  # the checkpoint serves as it is
+    assert probs.shape == (2, 4) and cams.shape == (2, 8, 8)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_a_training_that_scores_every_cell_refuses_a_teacher(tmp_path):
+    from training.architecture import build_model
+    from training.train import TrainConfig, fitted_model
+    from vision.errors import ModelError
+
+    cfg = TrainConfig(EXAMPLES, tmp_path / "x", pool="cells", teacher=tmp_path / "teacher.keras")
+
+    with pytest.raises(ModelError, match="^--pool cells learns one logistic loss per class, not a teacher's softmax"):
+        fitted_model(build_model(64, 4, pool="cells"), cfg)
+
+
 def test_tiny_training_writes_model_card_and_plots(tiny_model):
     card = json.loads(tiny_model.with_suffix(".json").read_text())
 

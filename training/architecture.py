@@ -1,6 +1,7 @@
 """The custom CNN: plain Conv2D/BatchNorm/ReLU blocks, global pooling and a named logits layer."""
 from __future__ import annotations
 
+import math
 import re
 
 import keras
@@ -80,12 +81,27 @@ def per_tower(stages, towers: int) -> list:
 # The global pooling before the dense head. avg: a class's score sums evidence over the whole grid. max: each
 # channel counts only at its strongest cell, so a class must be shown somewhere (weakly supervised
 # localisation, Oquab et al. 2015). Grad-CAM's closed form holds for both (vision/gradcam.py).
-POOLS = {"avg": ("gap", layers.GlobalAveragePooling2D), "max": ("gmp", layers.GlobalMaxPooling2D)}
+# cells: the dense head scores every cell of the grid (`class_map`) and each class's logit is its best cell, trained
+# with one logistic loss per class (Oquab et al. 2015's weakly supervised recipe). Under a softmax over pooled
+# features a class can be the one left when the others' evidence is missing (a figshare-looking slice with no
+# meningioma or pituitary mass reads as glioma); here a class's score must be low in every cell of every scan
+# of another class, so no cell can score glioma for what gliomas share with the other tumours' scans.
+POOLS = {"avg": ("gap", layers.GlobalAveragePooling2D), "max": ("gmp", layers.GlobalMaxPooling2D),
+         "cells": ("logits", layers.GlobalMaxPooling2D)}
+CLASS_MAP = "class_map"
 
 
 def pooling_of(model: keras.Model) -> str:
     """The POOLS key of a model's global pooling."""
+    names = {layer.name for layer in model.layers}
+    if CLASS_MAP in names:
+        return "cells"
     return "max" if any(isinstance(layer, layers.GlobalMaxPooling2D) for layer in model.layers) else "avg"
+
+
+def head_dense(model: keras.Model) -> layers.Dense:
+    """The dense layer that turns Grad-CAM features into class scores: `class_map` or `logits`."""
+    return model.get_layer(CLASS_MAP if pooling_of(model) == "cells" else "logits")
 
 
 def build_model(input_size: int = 128, classes: int = 4, stages=STAGES, dropout: float = 0.3,
@@ -104,9 +120,14 @@ def build_model(input_size: int = 128, classes: int = 4, stages=STAGES, dropout:
                   for k, own in enumerate(per_tower(stages, towers))]
         x = layers.Concatenate(name=GRADCAM_LAYER)(stacks)
     name, pooling = POOLS[pool]
-    x = pooling(name=name)(x)
-    x = layers.Dropout(dropout, name="dropout")(x)
-    logits = layers.Dense(classes, name="logits", dtype="float32")(x)
+    if pool == "cells":
+        x = layers.Dropout(dropout, name="dropout")(x)
+        x = layers.Dense(classes, name=CLASS_MAP, dtype="float32")(x)
+        logits = pooling(name=name, dtype="float32")(x)
+    else:
+        x = pooling(name=name)(x)
+        x = layers.Dropout(dropout, name="dropout")(x)
+        logits = layers.Dense(classes, name="logits", dtype="float32")(x)
     probs = layers.Softmax(name="probs", dtype="float32")(logits)
     return keras.Model(inputs, probs, name="brainscan_cnn")
 
@@ -132,10 +153,12 @@ def merge_towers(models: list, input_size: int, stages) -> keras.Model:
 
     from vision.errors import ModelError
 
-    classes = models[0].get_layer("logits").units
     pools = {pooling_of(model) for model in models}
+    if "cells" in pools:  # the mean of per-cell maxima is not the maximum of any one map
+        raise ModelError("models whose logits are their best cell's (--pool cells) cannot be merged")
     if len(pools) > 1:  # the mean of their heads is one dense layer only over one kind of pooled features
         raise ModelError("models with average and max global pooling cannot be merged")
+    classes = models[0].get_layer("logits").units
     counts = [towers_of(model) for model in models]
     own = per_tower(stages, sum(counts))
     merged = build_model(input_size, classes, own, towers=sum(counts), pool=pools.pop())
@@ -166,6 +189,7 @@ def flops_per_scan(model: keras.Model) -> int:
             kh, kw = layer.kernel_size
             in_c = layer.input.shape[-1]
             total += 2 * h * w * out_c * kh * kw * in_c
-        elif isinstance(layer, layers.Dense):
-            total += 2 * layer.input.shape[-1] * layer.units
+        elif isinstance(layer, layers.Dense):  # applied at every cell of a grid (class_map)
+            cells = math.prod(layer.input.shape[1:-1])
+            total += 2 * cells * layer.input.shape[-1] * layer.units
     return int(total)

@@ -354,7 +354,8 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
     model = build_model(cfg.size, len(CLASSES), stages=stages, pool=cfg.pool)
     if cfg.init:
         start_from(model, cfg.init)
-    compile_network(model, cfg, (len(x_train) // batch_size) * cfg.epochs)
+    fitted = fitted_model(model, cfg)
+    compile_network(fitted, cfg, (len(x_train) // batch_size) * cfg.epochs)
     kept: dict = {}
     history: list[dict] = []
     if cfg.resume and state_path.exists():
@@ -368,13 +369,14 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
     callbacks = interrupts.around([
         keras.callbacks.BackupAndRestore(str(work / "backup"), save_freq="epoch", delete_checkpoint=False),
         EpochLog(cfg.epochs, history, state_path, label, later_epochs, started=t0),
-        keras.callbacks.ModelCheckpoint(str(work / "last.keras"), save_freq="epoch"),
+        # The served model (probabilities), whichever of its outputs the loss reads.
+        keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs=None: model.save(work / "last.keras")),
         KeepFinalWeights(cfg.epochs, kept),
         clean_epochs(augmenting, cfg.epochs, cfg.clean_epochs),
     ])
     try:
         with interrupts:
-            model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks, verbose=0)
+            fitted.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks, verbose=0)
     except KeyboardInterrupt:
         print(f"interrupted: the last finished epoch is checkpointed in {work}; continue with --resume", flush=True)
         raise
@@ -394,13 +396,30 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
     return Network(model, seed, history, weights, earlier)
 
 
+def fitted_model(model, cfg: TrainConfig):
+    """What fit() trains: the model itself, or with --pool cells the same layers ending at the logits, which one
+    logistic loss per class reads (Oquab et al. 2015)."""
+    import keras
+
+    if cfg.pool != "cells":
+        return model
+    if cfg.teacher:
+        from vision.errors import ModelError
+
+        raise ModelError("--pool cells learns one logistic loss per class, not a teacher's softmax: use one or the other")
+    return keras.Model(model.inputs, model.get_layer("logits").output)
+
+
 def compile_network(model, cfg: TrainConfig, steps: int) -> None:
     """AdamW with weight decay and a weight average, warm-up then cosine over `steps`, label-smoothed loss
-    (with a --teacher, the distillation loss)."""
+    (with a --teacher, the distillation loss; with --pool cells, one logistic loss per class on the logits)."""
     import keras
 
     classes = model.output.shape[-1]
-    if cfg.teacher:
+    if cfg.pool == "cells":
+        loss = keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing)
+        metric = keras.metrics.CategoricalAccuracy(name="accuracy")
+    elif cfg.teacher:
         loss = distil.distillation_loss(classes, cfg.distil_temperature, cfg.distil_weight, cfg.label_smoothing)
         metric = distil.label_accuracy(classes)
     else:

@@ -12,6 +12,9 @@ EPSILON = 1e-7
 # evenly over the grid; max pooling puts all of it on each channel's strongest cell: the same mean.
 POOLINGS = ("GlobalAveragePooling2D", "GlobalMaxPooling2D")
 HEAD_LAYERS = (*POOLINGS, "Dropout")
+# Or the dense layer scores every cell and the logits are each class's best cell (training.architecture's
+# `cells`): d logit_c / d A_k(i, j) = W[k, c] at the class's best cell, 0 elsewhere, so the same closed form holds
+# and the map is the class's own score map (less its bias).
 
 
 def head_path(keras_model, gradcam_layer: str, logits_layer: str = "logits") -> list:
@@ -24,18 +27,26 @@ def head_path(keras_model, gradcam_layer: str, logits_layer: str = "logits") -> 
             break
         layer = inputs[0]._keras_history.operation  # the layer that made this tensor; Keras has no public accessor
     kinds = [type(lay).__name__ for lay in path]
-    if (layer.name != gradcam_layer or kinds[0] != "Dense" or sum(kinds[1:].count(p) for p in POOLINGS) != 1
-            or not set(kinds[1:]) <= set(HEAD_LAYERS)):
+    scored = layer.name == gradcam_layer and kinds[:2] == ["GlobalMaxPooling2D", "Dense"] and set(kinds[2:]) <= {"Dropout"}
+    if not scored and (layer.name != gradcam_layer or kinds[0] != "Dense"
+                       or sum(kinds[1:].count(p) for p in POOLINGS) != 1 or not set(kinds[1:]) <= set(HEAD_LAYERS)):
         raise ModelError(
             f"Grad-CAM needs '{gradcam_layer}' -> global average or max pooling [-> dropout] -> "
-            f"'{logits_layer}' (Dense); "
+            f"'{logits_layer}' (Dense), or '{gradcam_layer}' [-> dropout] -> Dense -> '{logits_layer}' (global max "
+            f"pooling); "
             f"this model has {' <- '.join(kinds)} after it"
         )
     return path
 
 
+def head_dense(keras_model, gradcam_layer: str, logits_layer: str = "logits"):
+    """The Dense layer of the head whose kernel weights the Grad-CAM channels; ModelError as `head_path`."""
+    return next(lay for lay in head_path(keras_model, gradcam_layer, logits_layer) if type(lay).__name__ == "Dense")
+
+
 def class_activation(features, logits, kernel):
-    """Grad-CAM of each row for its own predicted class, in closed form, scaled to [0, 1] per row.
+    """Grad-CAM of each row for its own predicted class, in closed form, scaled to [0, 1] per row (a map with no
+    positive cell is shifted by its minimum first, so it is never blank).
 
     With global average pooling and a dense head, d logit_c / d A_k(i, j) = W[k, c] / (h * w) at every cell (with
     max pooling, W[k, c] at channel k's strongest cell and 0 elsewhere), so the spatial mean of the gradients
@@ -48,7 +59,11 @@ def class_activation(features, logits, kernel):
     cells = features.shape[1] * features.shape[2]
     predicted = ops.one_hot(ops.argmax(logits, axis=-1), logits.shape[-1], dtype="float32")
     weights = ops.matmul(predicted, ops.transpose(ops.cast(kernel, "float32"))) / cells  # (batch, channels)
-    cam = ops.relu(ops.einsum("bhwk,bk->bhw", features, weights))
+    raw = ops.einsum("bhwk,bk->bhw", features, weights)
+    # Where no cell raises the class's score (a logistic head's unsure scans), the ReLU would leave a blank map
+    # whose peak is an arbitrary corner; shifted by its minimum, it shows where the score is lowered least.
+    top, bottom = ops.max(raw, axis=(1, 2), keepdims=True), ops.min(raw, axis=(1, 2), keepdims=True)
+    cam = ops.relu(raw - ops.where(top > 0, 0.0, bottom))
     return cam / (ops.max(cam, axis=(1, 2), keepdims=True) + EPSILON)
 
 
@@ -70,7 +85,7 @@ class Explainer:
     def __init__(self, keras_model, gradcam_layer: str, logits_layer: str = "logits"):
         import keras
 
-        dense = head_path(keras_model, gradcam_layer, logits_layer)[0]
+        dense = head_dense(keras_model, gradcam_layer, logits_layer)
         features = keras_model.get_layer(gradcam_layer).output
         logits = keras_model.get_layer(logits_layer).output
 

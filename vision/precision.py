@@ -7,7 +7,7 @@ from config import PRECISIONS
 # slower than float32 on an AVX2-only EPYC), so auto keeps float32 there.
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # The head stays float32 so probabilities and Grad-CAM weights read the logits at full precision.
-FLOAT32_LAYERS = ("logits",)
+FLOAT32_LAYERS = ("logits", "class_map")
 
 
 def has_bfloat16(flags: set[str]) -> bool:

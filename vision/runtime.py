@@ -102,10 +102,10 @@ class Runtime:
         self.precision = serving_precision(precision, self.gpus, cpu_flags())
         self.model = load_model(model_path)
         if self.precision == "int8":  # the int8 file holds the folded conv stack; the Keras model gives the head
-            from vision.gradcam import head_path
+            from vision.gradcam import head_dense
             from vision.int8 import Int8Explainer, read_int8
 
-            dense = head_path(self.model.keras_model, self.model.card["gradcam_layer"])[0]
+            dense = head_dense(self.model.keras_model, self.model.card["gradcam_layer"])
             self.explainer = Int8Explainer(read_int8(model_path, self.model.sha256), dense.kernel, self.threads)
         else:
             # Folding is exact (float32 rounding) and saves a pass over every conv block's output: +11% measured.
