@@ -559,6 +559,8 @@ def model_fields(model) -> dict:
             "whose units still see most of the head. Maps are upsampled bilinearly over the square head crop "
             "and pasted back at the crop's place on the scan's own pixel grid, zero outside it. In a "
             "multi-tower model the layer concatenates the towers' last blocks, so the map is their mean."
+            + (" The head scores every cell (pooling 'cells'), so the map is the predicted class's own score "
+               "map and its peak the cell that gave the class its logit." if pooling_of(model) == "cells" else "")
         ),
         "logits_layer": "logits",
         "pooling": pooling_of(model),
