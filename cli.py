@@ -365,6 +365,9 @@ def migrate():
 @click.option("--pool", type=click.Choice(["avg", "max", "cells"]), default=train_defaults.POOL, show_default=True,
               help="Global pooling before the head: max makes each class point at its strongest cell; cells "
                    "scores every cell and takes each class's best, with one logistic loss per class.")
+@click.option("--cell-loss", type=click.Choice(["logistic", "softmax"]), default="logistic", show_default=True,
+              help="With --pool cells: one logistic loss per class (a class must be absent from every cell of "
+                   "other classes' scans), or softmax cross-entropy.")
 @click.option("--towers", default=1, show_default=True,
               help="Networks trained one after another (seeds SEED, SEED+1, ...) and served as one model "
                    "whose logits are their mean.")
@@ -418,7 +421,7 @@ def migrate():
               help="Peak of the warm-up + cosine schedule.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint.")
 @domain_errors
-def train(data, out, epochs, batch_size, size, width, dilate, convs, pool, towers, seed, split_seed, val_fraction,
+def train(data, out, epochs, batch_size, size, width, dilate, convs, pool, cell_loss, towers, seed, split_seed, val_fraction,
           precision, equalise, gamma, invert, gin, rim_erase, cutmix, clean_epochs, downsize, oversample, balance, init,
           teacher, distil_temperature, distil_weight, learning_rate, resume):
     """Train the CNN on the class folders of DATA (a folder or .zip archive); write the model, card and plots.
@@ -432,7 +435,7 @@ def train(data, out, epochs, batch_size, size, width, dilate, convs, pool, tower
         raise click.UsageError("--cutmix mixes labels, not the teacher's logits: use one or the other")
 
     cfg = TrainConfig(data, out, epochs=epochs, batch_size=batch_size, size=size, width=width, dilate=dilate, convs=convs,
-                      pool=pool, towers=towers, seed=seed, split_seed=split_seed,
+                      pool=pool, cell_loss=cell_loss, towers=towers, seed=seed, split_seed=split_seed,
                       val_fraction=val_fraction, precision=precision, equalise=equalise, gamma=gamma,
                       invert=invert, gin=gin, rim_erase=rim_erase, cutmix=cutmix, clean_epochs=clean_epochs,
                       downsize=downsize, oversample=oversample, balance=balance, init=init, teacher=teacher,

@@ -107,6 +107,17 @@ def test_a_training_that_scores_every_cell_refuses_a_teacher(tmp_path):
         fitted_model(build_model(64, 4, pool="cells"), cfg)
 
 
+def test_a_training_that_scores_every_cell_with_softmax_cross_entropy_fits_the_served_model(tmp_path):
+    from training.architecture import build_model
+    from training.train import TrainConfig, fitted_model
+
+    model = build_model(64, 4, pool="cells")
+    logistic = fitted_model(model, TrainConfig(EXAMPLES, tmp_path / "x", pool="cells"))
+
+    assert fitted_model(model, TrainConfig(EXAMPLES, tmp_path / "x", pool="cells", cell_loss="softmax")) is model
+    assert logistic is not model and logistic.output.shape == (None, 4) and logistic.layers[-1].name == "logits"
+
+
 def test_tiny_training_writes_model_card_and_plots(tiny_model):
     card = json.loads(tiny_model.with_suffix(".json").read_text())
 

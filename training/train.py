@@ -55,7 +55,8 @@ class TrainConfig:
     width: int = defaults.WIDTH
     dilate: bool = False  # the last stage's convs dilated (architecture.DILATIONS): a head-wide receptive field
     convs: tuple | None = None  # conv blocks per stage (architecture.SHAPE's when None)
-    pool: str = defaults.POOL  # global pooling before the head: avg or max (architecture.POOLS)
+    pool: str = defaults.POOL  # global pooling before the head: avg, max or cells (architecture.POOLS)
+    cell_loss: str = "logistic"  # with pool cells: one logistic loss per class, or softmax cross-entropy
     towers: int = 1  # > 1: that many networks trained one after another (seeds seed, seed+1, ...) and merged
     resume: bool = False
     command: str = ""
@@ -396,12 +397,17 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
     return Network(model, seed, history, weights, earlier)
 
 
+def logistic(cfg: TrainConfig) -> bool:
+    """Whether the run learns one logistic loss per class on the logits (--pool cells, --cell-loss logistic)."""
+    return cfg.pool == "cells" and cfg.cell_loss == "logistic"
+
+
 def fitted_model(model, cfg: TrainConfig):
     """What fit() trains: the model itself, or with --pool cells the same layers ending at the logits, which one
     logistic loss per class reads (Oquab et al. 2015)."""
     import keras
 
-    if cfg.pool != "cells":
+    if not logistic(cfg):
         return model
     if cfg.teacher:
         from vision.errors import ModelError
@@ -416,7 +422,7 @@ def compile_network(model, cfg: TrainConfig, steps: int) -> None:
     import keras
 
     classes = model.output.shape[-1]
-    if cfg.pool == "cells":
+    if logistic(cfg):
         loss = keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing)
         metric = keras.metrics.CategoricalAccuracy(name="accuracy")
     elif cfg.teacher:
