@@ -63,10 +63,11 @@ def test_shipped_model_in_bfloat16_gives_the_float32_classes_probabilities_and_h
     x = np.stack([prepare_bytes(path.read_bytes(), runtimes[0].preprocessing).array for path in scans])
     (probs, cams), (bf_probs, bf_cams) = (rt.explain(x) for rt in runtimes)
     assert (bf_probs.argmax(axis=1) == probs.argmax(axis=1)).all()
-    # bfloat16 keeps 8 mantissa bits. Over the 829 validation scans the two max-pooled networks moved by at
-    # most 0.0137 and 0.0187 (README); on these examples the shipped one moves by 0.0062.
-    assert np.abs(bf_probs - probs).max() < 0.02
-    assert np.abs(bf_cams - cams).max() < 0.02
+    # bfloat16 keeps 8 mantissa bits. Over the 829 validation scans the shipped network's probabilities moved by
+    # at most 0.0314 and its maps by 0.0557 (README); on these examples by 0.0123 and 0.0334. Its maps are one
+    # class's own cell scores, sharper than a max-pooled network's (0.0187 and under 0.02), so they move more.
+    assert np.abs(bf_probs - probs).max() < 0.04
+    assert np.abs(bf_cams - cams).max() < 0.06
     # Two cells may tie to within rounding (Tr-gl_0207: 0.99998 and 0.99899 in float32, the other way round in
     # bfloat16), so the check is that bfloat16 rates float32's peak cell as a peak, not that argmax agrees.
     at_float32_peak = bf_cams.reshape(len(x), -1)[np.arange(len(x)), cams.reshape(len(x), -1).argmax(axis=1)]
