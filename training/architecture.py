@@ -81,11 +81,11 @@ def per_tower(stages, towers: int) -> list:
 # The global pooling before the dense head. avg: a class's score sums evidence over the whole grid. max: each
 # channel counts only at its strongest cell, so a class must be shown somewhere (weakly supervised
 # localisation, Oquab et al. 2015). Grad-CAM's closed form holds for both (vision/gradcam.py).
-# cells: the dense head scores every cell of the grid (`class_map`) and each class's logit is its best cell, trained
-# with one logistic loss per class (Oquab et al. 2015's weakly supervised recipe). Under a softmax over pooled
-# features a class can be the one left when the others' evidence is missing (a figshare-looking slice with no
-# meningioma or pituitary mass reads as glioma); here a class's score must be low in every cell of every scan
-# of another class, so no cell can score glioma for what gliomas share with the other tumours' scans.
+# cells: the dense head scores every cell of the grid (`class_map`) and each class's logit is its best cell
+# (Oquab et al. 2015). Under a dense layer over pooled features a class can be the one left when the others'
+# evidence is missing (a figshare-looking slice with no meningioma or pituitary mass reads as glioma); here a class
+# is named for what one cell's receptive field shows, and its Grad-CAM map is its own score map. Fine-tuned from a
+# max-pooled network it moved the by-eye pointing score from 0.655 to 0.79-0.85 (README); from scratch it did not.
 POOLS = {"avg": ("gap", layers.GlobalAveragePooling2D), "max": ("gmp", layers.GlobalMaxPooling2D),
          "cells": ("logits", layers.GlobalMaxPooling2D)}
 CLASS_MAP = "class_map"
