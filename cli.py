@@ -364,7 +364,7 @@ def migrate():
               help="Conv blocks in each of the 4 stages, comma-separated (default 1,1,2,2).")
 @click.option("--pool", type=click.Choice(["avg", "max", "cells"]), default=train_defaults.POOL, show_default=True,
               help="Global pooling before the head: max makes each class point at its strongest cell; cells "
-                   "scores every cell and takes each class's best, with one logistic loss per class.")
+                   "scores every cell and takes each class's best (its loss: --cell-loss).")
 @click.option("--cell-loss", type=click.Choice(["logistic", "softmax"]), default="logistic", show_default=True,
               help="With --pool cells: one logistic loss per class (a class must be absent from every cell of "
                    "other classes' scans), or softmax cross-entropy.")
