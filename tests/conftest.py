@@ -165,7 +165,8 @@ def random_network(seed: int, stages=None, size: int = 64, pool: str = "avg"):
     import keras
     import numpy as np
 
-    from training.architecture import build_model, head_dense, stages_for
+    from training.architecture import GRADCAM_LAYER, build_model, stages_for
+    from vision.gradcam import head_dense
 
     keras.utils.set_random_seed(seed)
     model = build_model(size, 4, stages=stages or stages_for(8), pool=pool)
@@ -175,6 +176,6 @@ def random_network(seed: int, stages=None, size: int = 64, pool: str = "avg"):
             n = layer.moving_mean.shape[0]
             layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n), rng.normal(0, 0.1, n),
                                rng.uniform(0.5, 2.0, n)])
-    head = head_dense(model)
+    head = head_dense(model, GRADCAM_LAYER)
     head.set_weights([rng.normal(size=head.kernel.shape), rng.normal(size=head.bias.shape)])
     return model

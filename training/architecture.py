@@ -93,15 +93,9 @@ CLASS_MAP = "class_map"
 
 def pooling_of(model: keras.Model) -> str:
     """The POOLS key of a model's global pooling."""
-    names = {layer.name for layer in model.layers}
-    if CLASS_MAP in names:
+    if any(layer.name == CLASS_MAP for layer in model.layers):
         return "cells"
     return "max" if any(isinstance(layer, layers.GlobalMaxPooling2D) for layer in model.layers) else "avg"
-
-
-def head_dense(model: keras.Model) -> layers.Dense:
-    """The dense layer that turns Grad-CAM features into class scores: `class_map` or `logits`."""
-    return model.get_layer(CLASS_MAP if pooling_of(model) == "cells" else "logits")
 
 
 def build_model(input_size: int = 128, classes: int = 4, stages=STAGES, dropout: float = 0.3,
