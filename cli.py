@@ -365,9 +365,9 @@ def migrate():
 @click.option("--pool", type=click.Choice(["avg", "max", "cells"]), default=train_defaults.POOL, show_default=True,
               help="Global pooling before the head: max makes each class point at its strongest cell; cells "
                    "scores every cell and takes each class's best (its loss: --cell-loss).")
-@click.option("--cell-loss", type=click.Choice(["logistic", "softmax"]), default="logistic", show_default=True,
+@click.option("--cell-loss", type=click.Choice(["logistic", "softmax", "both"]), default="logistic", show_default=True,
               help="With --pool cells: one logistic loss per class (a class must be absent from every cell of "
-                   "other classes' scans), or softmax cross-entropy.")
+                   "other classes' scans), softmax cross-entropy, or the two summed.")
 @click.option("--towers", default=1, show_default=True,
               help="Networks trained one after another (seeds SEED, SEED+1, ...) and served as one model "
                    "whose logits are their mean.")

@@ -116,7 +116,20 @@ def test_a_training_that_scores_every_cell_with_softmax_cross_entropy_fits_the_s
 
     assert fitted_model(model, TrainConfig(EXAMPLES, tmp_path / "x", pool="cells", cell_loss="softmax")) is model
     assert logistic is not model and logistic.output.shape == (None, 4) and logistic.layers[-1].name == "logits"
+    assert fitted_model(model, TrainConfig(EXAMPLES, tmp_path / "x", pool="cells", cell_loss="both")).output.shape == (None, 4)
 
+
+
+def test_the_both_cell_loss_is_softmax_cross_entropy_plus_each_classs_logistic_loss():
+    from training.train import cells_loss
+
+    logits = np.array([[2.0, -1.0, 0.0, 0.5]], np.float32)
+    target = np.array([[1.0, 0.0, 0.0, 0.0]], np.float32)
+    softmax = -np.log(np.exp(2.0) / np.exp(logits).sum())
+    logistic = np.log1p(np.exp(-2.0)) + np.log1p(np.exp(-1.0)) + np.log1p(np.exp(0.0)) + np.log1p(np.exp(0.5))
+
+    assert float(cells_loss("both", 0.0)(target, logits)) == pytest.approx(softmax + logistic, rel=1e-5)
+    assert float(cells_loss("logistic", 0.0)(target, logits)) == pytest.approx(logistic / 4, rel=1e-5)
 
 def test_tiny_training_writes_model_card_and_plots(tiny_model):
     card = json.loads(tiny_model.with_suffix(".json").read_text())

@@ -56,7 +56,7 @@ class TrainConfig:
     dilate: bool = False  # the last stage's convs dilated (architecture.DILATIONS): a head-wide receptive field
     convs: tuple | None = None  # conv blocks per stage (architecture.SHAPE's when None)
     pool: str = defaults.POOL  # global pooling before the head: avg, max or cells (architecture.POOLS)
-    cell_loss: str = "logistic"  # with pool cells: one logistic loss per class, or softmax cross-entropy
+    cell_loss: str = "logistic"  # with pool cells: one logistic loss per class, softmax cross-entropy, or both summed
     towers: int = 1  # > 1: that many networks trained one after another (seeds seed, seed+1, ...) and merged
     resume: bool = False
     command: str = ""
@@ -398,8 +398,26 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
 
 
 def logistic(cfg: TrainConfig) -> bool:
-    """Whether the run learns one logistic loss per class on the logits (--pool cells, --cell-loss logistic)."""
-    return cfg.pool == "cells" and cfg.cell_loss == "logistic"
+    """Whether the run learns one logistic loss per class on the logits (--pool cells, --cell-loss logistic or both)."""
+    return cfg.pool == "cells" and cfg.cell_loss in ("logistic", "both")
+
+
+def cells_loss(kind: str, label_smoothing: float):
+    """The loss on the logits of a --pool cells run: one logistic loss per class, or with `both` that summed over
+    the classes plus softmax cross-entropy (each class's logistic term keeps its best cell low on other classes'
+    scans, which softmax alone never asks; softmax ranks the classes, which is what accuracy counts)."""
+    import keras
+
+    binary = keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=label_smoothing)
+    if kind == "logistic":
+        return binary
+    softmax = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing)
+
+    def both(y_true, logits):
+        # BinaryCrossentropy averages over the classes: times their count, each class weighs as in a sum.
+        return softmax(y_true, logits) + binary(y_true, logits) * keras.ops.cast(keras.ops.shape(logits)[-1], "float32")
+
+    return both
 
 
 def fitted_model(model, cfg: TrainConfig):
@@ -423,7 +441,7 @@ def compile_network(model, cfg: TrainConfig, steps: int) -> None:
 
     classes = model.output.shape[-1]
     if logistic(cfg):
-        loss = keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing)
+        loss = cells_loss(cfg.cell_loss, cfg.label_smoothing)
         metric = keras.metrics.CategoricalAccuracy(name="accuracy")
     elif cfg.teacher:
         loss = distil.distillation_loss(classes, cfg.distil_temperature, cfg.distil_weight, cfg.label_smoothing)
