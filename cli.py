@@ -371,6 +371,9 @@ def migrate():
 @click.option("--towers", default=1, show_default=True,
               help="Networks trained one after another (seeds SEED, SEED+1, ...) and served as one model "
                    "whose logits are their mean.")
+@click.option("--mirror/--no-mirror", default=True, show_default=True,
+              help="Serve the model (and score it on validation) as the mean of each scan and its left-right "
+                   "mirror: probabilities and Grad-CAM maps, at twice the compute.")
 @click.option("--seed", default=train_defaults.SEED, show_default=True,
               help="Seed of the weights' init and the augmentation.")
 @click.option("--split-seed", type=int,
@@ -421,8 +424,8 @@ def migrate():
               help="Peak of the warm-up + cosine schedule.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint.")
 @domain_errors
-def train(data, out, epochs, batch_size, size, width, dilate, convs, pool, cell_loss, towers, seed, split_seed, val_fraction,
-          precision, equalise, gamma, invert, gin, rim_erase, cutmix, clean_epochs, downsize, oversample, balance, init,
+def train(data, out, epochs, batch_size, size, width, dilate, convs, pool, cell_loss, towers, mirror, seed, split_seed,
+          val_fraction, precision, equalise, gamma, invert, gin, rim_erase, cutmix, clean_epochs, downsize, oversample, balance, init,
           teacher, distil_temperature, distil_weight, learning_rate, resume):
     """Train the CNN on the class folders of DATA (a folder or .zip archive); write the model, card and plots.
 
@@ -435,7 +438,7 @@ def train(data, out, epochs, batch_size, size, width, dilate, convs, pool, cell_
         raise click.UsageError("--cutmix mixes labels, not the teacher's logits: use one or the other")
 
     cfg = TrainConfig(data, out, epochs=epochs, batch_size=batch_size, size=size, width=width, dilate=dilate, convs=convs,
-                      pool=pool, cell_loss=cell_loss, towers=towers, seed=seed, split_seed=split_seed,
+                      pool=pool, cell_loss=cell_loss, towers=towers, mirror=mirror, seed=seed, split_seed=split_seed,
                       val_fraction=val_fraction, precision=precision, equalise=equalise, gamma=gamma,
                       invert=invert, gin=gin, rim_erase=rim_erase, cutmix=cutmix, clean_epochs=clean_epochs,
                       downsize=downsize, oversample=oversample, balance=balance, init=init, teacher=teacher,

@@ -155,3 +155,47 @@ def test_a_padded_batch_gives_the_rows_of_its_scans_alone(mixed_batch):
     assert padded.shape == (8, 64, 64, 1) and not padded[5:].any()
     np.testing.assert_allclose(padded_cams[:5], cams, atol=1e-4)
     np.testing.assert_allclose(padded_probs[:5], probs, atol=1e-4)
+
+
+def plain_features_logits(model, scans):
+    import keras
+
+    inner = keras.Model(model.inputs, [model.get_layer(GRADCAM_LAYER).output, model.get_layer("logits").output])
+    return [np.asarray(t, np.float64) for t in inner(scans)]
+
+
+def test_mirrored_probabilities_are_the_softmax_of_the_mean_of_a_scans_and_its_mirrors_logits(cell_scored):
+    model, scans = cell_scored
+    _, logits = plain_features_logits(model, scans)
+    _, mirrored = plain_features_logits(model, scans[:, :, ::-1])
+    mean = (logits + mirrored) / 2
+    want = np.exp(mean - mean.max(axis=1, keepdims=True))
+
+    probs, _ = Explainer(model, GRADCAM_LAYER, mirror=True)(scans)
+
+    np.testing.assert_allclose(probs, want / want.sum(axis=1, keepdims=True), atol=1e-5)
+
+
+def test_a_mirrored_map_is_grad_cam_of_the_mean_of_the_scans_and_its_flipped_back_mirrors_features(cell_scored):
+    from vision.gradcam import class_activation, head_dense
+
+    model, scans = cell_scored
+    features, logits = plain_features_logits(model, scans)
+    mirrored_features, mirrored_logits = plain_features_logits(model, scans[:, :, ::-1])
+    want = class_activation((features + mirrored_features[:, :, ::-1]) / 2, (logits + mirrored_logits) / 2,
+                            head_dense(model, GRADCAM_LAYER).kernel)
+
+    _, cams = Explainer(model, GRADCAM_LAYER, mirror=True)(scans)
+
+    np.testing.assert_allclose(cams, np.asarray(want), atol=1e-5)
+
+
+def test_a_left_right_symmetric_scan_gets_a_symmetric_mirrored_map(cell_scored):
+    model, scans = cell_scored
+    symmetric = (scans + scans[:, :, ::-1]) / 2
+
+    _, cams = Explainer(model, GRADCAM_LAYER, mirror=True)(symmetric)
+    _, plain = Explainer(model, GRADCAM_LAYER)(symmetric)
+
+    np.testing.assert_allclose(cams, cams[:, :, ::-1], atol=1e-5)
+    assert not np.allclose(plain, plain[:, :, ::-1], atol=1e-2)  # the network alone is not symmetric

@@ -173,3 +173,26 @@ def test_worker_in_int8_without_the_file_refuses_to_start(tiny_model, env_for, t
 
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: {int8_path(model)}: no int8 model beside bare.keras; ")
+
+
+def test_int8_with_the_mirror_serves_the_mean_of_each_scan_and_its_mirror(quantized):
+    from vision.gradcam import class_activation, head_dense
+    from vision.int8 import Int8Explainer
+    from vision.modelio import load_model
+    from vision.runtime import Runtime
+
+    model, _ = quantized
+    loaded = load_model(model)
+    kernel = head_dense(loaded.keras_model, loaded.card["gradcam_layer"]).kernel
+    plain = Int8Explainer(read_int8(model, loaded.sha256), kernel, threads=1)
+    arrays = example_arrays(Runtime(model, precision="int8"))
+    features, logits = plain._run(arrays)
+    mirrored_features, mirrored_logits = plain._run(arrays[:, :, ::-1])
+    mean = (logits + mirrored_logits) / 2
+    want = np.exp(mean - mean.max(axis=1, keepdims=True))
+
+    probs, cams = Int8Explainer(read_int8(model, loaded.sha256), kernel, threads=1, mirror=True)(arrays)
+
+    np.testing.assert_allclose(probs, want / want.sum(axis=1, keepdims=True), atol=1e-5)
+    np.testing.assert_allclose(cams, class_activation((features + mirrored_features[:, :, ::-1]) / 2, mean, kernel),
+                               atol=1e-5)

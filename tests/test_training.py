@@ -131,6 +131,26 @@ def test_the_both_cell_loss_is_softmax_cross_entropy_plus_each_classs_logistic_l
     assert float(cells_loss("both", 0.0)(target, logits)) == pytest.approx(softmax + logistic, rel=1e-5)
     assert float(cells_loss("logistic", 0.0)(target, logits)) == pytest.approx(logistic / 4, rel=1e-5)
 
+def test_the_runtime_serves_the_mirror_mean_when_the_card_says_so_and_the_scan_alone_when_not(tiny_model, tmp_path):
+    from vision.gradcam import Explainer
+    from vision.modelio import load_model
+    from vision.runtime import Runtime
+
+    plain = tmp_path / "plain.keras"
+    shutil.copy(tiny_model, plain)
+    card = json.loads(tiny_model.with_suffix(".json").read_text())
+    plain.with_suffix(".json").write_text(json.dumps(dict(card, mirror=False)))
+    keras_model = load_model(tiny_model).keras_model
+    arrays = np.stack([prepare_bytes(p.read_bytes(), card["preprocessing"]).array
+                       for p in sorted(EXAMPLES.glob("*/*.jpg"))])
+
+    for path, mirror in ((tiny_model, True), (plain, False)):
+        probs, cams = Runtime(path, precision="float32").explain(arrays)
+        want_probs, want_cams = Explainer(keras_model, card["gradcam_layer"], mirror=mirror)(arrays)
+        np.testing.assert_allclose(probs, want_probs, atol=1e-5)
+        np.testing.assert_allclose(cams, want_cams, atol=1e-5)
+
+
 def test_tiny_training_writes_model_card_and_plots(tiny_model):
     card = json.loads(tiny_model.with_suffix(".json").read_text())
 
@@ -141,6 +161,7 @@ def test_tiny_training_writes_model_card_and_plots(tiny_model):
     assert len(card["history"]) == 1 and card["training_command"] == "pytest tiny model"
     assert card["split_seed"] == card["seed"]
     assert card["pooling"] == "max" and card["config"]["width"] == 24  # the shipped recipe's defaults
+    assert card["mirror"] is True
     assert card["hardware"] == f"CPU: {cpu_description()}"
     assert (tiny_model.parent / "tiny-curves.png").stat().st_size > 0
     assert (tiny_model.parent / "tiny-confusion.png").stat().st_size > 0

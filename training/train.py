@@ -58,6 +58,9 @@ class TrainConfig:
     pool: str = defaults.POOL  # global pooling before the head: avg, max or cells (architecture.POOLS)
     cell_loss: str = "logistic"  # with pool cells: one logistic loss per class, softmax cross-entropy, or both summed
     towers: int = 1  # > 1: that many networks trained one after another (seeds seed, seed+1, ...) and merged
+    # Served (and scored on validation) as the mean of each scan and its left-right mirror: the shipped cells
+    # network gains 1 validation error fewer and points at 49 of 58 boxes instead of 46 (bench/pointing.py).
+    mirror: bool = True
     resume: bool = False
     command: str = ""
     cache_dir: Path = Path("var/cache")
@@ -166,6 +169,15 @@ def clean_epochs(augmenting, epochs: int, clean: int):
 
     return keras.callbacks.LambdaCallback(
         on_epoch_begin=lambda epoch, logs=None: augmenting.assign(epoch < epochs - clean))
+
+
+def served_probabilities(model, x: np.ndarray, mirror: bool, batch_size: int = 128) -> np.ndarray:
+    """The probabilities a worker serves for x: with `mirror`, of each scan's mean with its left-right mirror."""
+    from training.architecture import GRADCAM_LAYER
+    from vision.gradcam import Explainer
+
+    explainer = Explainer(model, GRADCAM_LAYER, mirror=mirror)
+    return np.concatenate([explainer.forward(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def accuracy(model, x, y) -> float:
@@ -534,8 +546,9 @@ def _train(cfg: TrainConfig) -> dict:
                               for n in networks],
                    "note": TOWERS_NOTE}
     chosen = weights.get("kept", "per tower")
-    probs = model.predict(x_val, batch_size=128, verbose=0)
-    print(f"kept weights '{chosen}' ({policy} training, served in float32): validation accuracy "
+    probs = served_probabilities(model, x_val, cfg.mirror)
+    print(f"kept weights '{chosen}' ({policy} training, served in float32{' with its mirror' * cfg.mirror}): "
+          f"validation accuracy "
           f"{float((probs.argmax(axis=1) == y_val).mean()):.4f}", flush=True)
     pred = [CLASSES[i] for i in probs.argmax(axis=1)]
     val_metrics = classification_metrics([e.label for e in val_ex], pred, probs, list(CLASSES))
@@ -545,6 +558,7 @@ def _train(cfg: TrainConfig) -> dict:
         "input_size": cfg.size,
         "preprocessing": params,
         **model_fields(model),
+        "mirror": cfg.mirror,
         "training_command": cfg.command,
         "seed": cfg.seed,
         "split_seed": split_seed(cfg),

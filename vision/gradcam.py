@@ -67,6 +67,15 @@ def class_activation(features, logits, kernel):
     return cam / (ops.max(cam, axis=(1, 2), keepdims=True) + EPSILON)
 
 
+def mirror_mean(features, logits, mirrored_features, mirrored_logits):
+    """Features and logits of a batch averaged with those of its left-right mirror, the mirror's features flipped
+    back so each cell meets its own. Grad-CAM is linear in the features, so the map of the mean is the mean map."""
+    from keras import ops
+
+    features = (ops.cast(features, "float32") + ops.flip(ops.cast(mirrored_features, "float32"), axis=2)) / 2
+    return features, (ops.cast(logits, "float32") + ops.cast(mirrored_logits, "float32")) / 2
+
+
 def padded_size(n: int) -> int:
     """The batch size a batch of n runs at under XLA: the next power of two, so a worker compiles a few shapes."""
     return 1 << max(0, n - 1).bit_length()
@@ -80,14 +89,23 @@ def pad_batch(images: np.ndarray, pad: bool = True) -> np.ndarray:
 
 
 class Explainer:
-    """Wraps a model with a named logits layer and returns probabilities and Grad-CAM maps."""
+    """Wraps a model with a named logits layer and returns probabilities and Grad-CAM maps; with `mirror`, those
+    of each scan averaged with its left-right mirror's (the card's `mirror`)."""
 
-    def __init__(self, keras_model, gradcam_layer: str, logits_layer: str = "logits"):
+    def __init__(self, keras_model, gradcam_layer: str, logits_layer: str = "logits", mirror: bool = False):
         import keras
 
         dense = head_dense(keras_model, gradcam_layer, logits_layer)
         features = keras_model.get_layer(gradcam_layer).output
         logits = keras_model.get_layer(logits_layer).output
+        inputs = keras_model.inputs
+        if mirror:
+            # Pools of 2 on even sizes and 'same' convs keep the grid aligned under a flip: cell j of the mirror
+            # is cell w-1-j of the scan.
+            both = keras.Model(keras_model.inputs, [features, logits])
+            images = keras.Input(keras_model.inputs[0].shape[1:], name="images")
+            features, logits = mirror_mean(*both(images), *both(keras.ops.flip(images, axis=2)))
+            inputs = [images]
 
         class ClassActivation(keras.layers.Layer):
             def call(self, features, logits):
@@ -96,8 +114,8 @@ class Explainer:
         probs = keras.layers.Softmax(dtype="float32", name="explained_probs")(keras.ops.cast(logits, "float32"))
         cams = ClassActivation(dtype="float32", name="class_activation")(features, logits)
         # predict_on_batch compiles each model per batch shape: tf.function (XLA on a GPU), jax.jit, eager torch.
-        self._model = keras.Model(keras_model.inputs, [probs, cams])
-        self._forward = keras.Model(keras_model.inputs, probs)
+        self._model = keras.Model(inputs, [probs, cams])
+        self._forward = keras.Model(inputs, probs)
 
     @property
     def pads(self) -> bool:

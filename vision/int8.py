@@ -89,9 +89,10 @@ class Int8Explainer:
 
     pads = False  # the interpreter is resized to each batch shape it meets, cheaply, so nothing is padded
 
-    def __init__(self, flatbuffer: bytes, kernel: np.ndarray, threads: int):
+    def __init__(self, flatbuffer: bytes, kernel: np.ndarray, threads: int, mirror: bool = False):
         from ai_edge_litert.interpreter import Interpreter
 
+        self.mirror = mirror
         self._interpreter = Interpreter(model_content=flatbuffer, num_threads=threads)
         self._kernel = np.asarray(kernel, np.float32)
         self._input = self._interpreter.get_input_details()[0]["index"]
@@ -111,22 +112,32 @@ class Int8Explainer:
         logits = next(o for o in outputs if o.ndim == 2)
         return features, logits
 
+    def _features_logits(self, images: np.ndarray):
+        """The features and logits served: with `mirror`, the mean of the scans' and their mirrors' (one run)."""
+        if not self.mirror:
+            return self._run(images)
+        from vision.gradcam import mirror_mean
+
+        n = len(images)
+        features, logits = self._run(np.concatenate([images, np.asarray(images)[:, :, ::-1]]))
+        return mirror_mean(features[:n], logits[:n], features[n:], logits[n:])
+
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities (B, classes) and heatmaps (B, h, w) in [0, 1] for a batch of prepared arrays."""
         from keras import ops
 
         from vision.gradcam import class_activation
 
-        features, logits = self._run(images)
+        features, logits = self._features_logits(images)
         cams = class_activation(features, logits, self._kernel)
         return _probabilities(logits), np.asarray(ops.convert_to_numpy(cams))
 
     def forward(self, images: np.ndarray) -> np.ndarray:
         """Probabilities only, for benchmarks that compare the two."""
-        return _probabilities(self._run(images)[1])
+        return _probabilities(self._features_logits(images)[1])
 
 
 def _probabilities(logits: np.ndarray) -> np.ndarray:
     from keras import ops
 
-    return np.asarray(ops.convert_to_numpy(ops.softmax(ops.convert_to_tensor(logits, "float32"), axis=-1)))
+    return np.asarray(ops.convert_to_numpy(ops.softmax(ops.cast(logits, "float32"), axis=-1)))

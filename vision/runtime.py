@@ -101,16 +101,19 @@ class Runtime:
 
         self.precision = serving_precision(precision, self.gpus, cpu_flags())
         self.model = load_model(model_path)
+        mirror = bool(self.model.card.get("mirror"))  # absent from cards of models trained before it existed
         if self.precision == "int8":  # the int8 file holds the folded conv stack; the Keras model gives the head
             from vision.gradcam import head_dense
             from vision.int8 import Int8Explainer, read_int8
 
             dense = head_dense(self.model.keras_model, self.model.card["gradcam_layer"])
-            self.explainer = Int8Explainer(read_int8(model_path, self.model.sha256), dense.kernel, self.threads)
+            self.explainer = Int8Explainer(read_int8(model_path, self.model.sha256), dense.kernel, self.threads,
+                                           mirror)
         else:
             # Folding is exact (float32 rounding) and saves a pass over every conv block's output: +11% measured.
             keras_model = fold_batchnorm(self.model.keras_model) if fold else self.model.keras_model
-            self.explainer = Explainer(with_precision(keras_model, self.precision), self.model.card["gradcam_layer"])
+            self.explainer = Explainer(with_precision(keras_model, self.precision), self.model.card["gradcam_layer"],
+                                       mirror=mirror)
         size = self.model.card["input_size"]
         # Warm up on the batch shape the worker will see, so the first real batch pays no tracing cost.
         self.explainer(np.zeros((warm_batch, size, size, 1), np.float32))
