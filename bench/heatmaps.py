@@ -56,7 +56,7 @@ def main() -> None:
             depths[ex.label].append(depth)
             if depth < args.rim:
                 misses.append((ex, gray, on_scan, depth))
-    out = {"model": Path(args.model).name, "model_sha256": rt.sha256[:12], "precision": rt.precision,
+    out = {"model": Path(args.model).name, "model_sha256": rt.sha256[:12], "precision": rt.precision, "mirror": rt.mirror,
            "rim_fraction": args.rim}
     for c, d in depths.items():
         d = np.array(d)

@@ -60,6 +60,7 @@ def measure(args, precision: str, batchnorm: str) -> None:
         "parameters": rt.model.card.get("parameters"), "flops_per_scan": rt.model.card.get("flops_per_scan"),
         "forward_scans_per_s": round(forward, 1), "forward_gradcam_scans_per_s": round(with_cam, 1),
         "gradcam_cost_ratio": round(forward / with_cam, 3), "precision": rt.precision, "batchnorm": batchnorm,
+        "mirror": rt.mirror,
         "device": "GPU" if rt.gpus else f"CPU ({cpu_description()})",
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
     }))

@@ -91,7 +91,7 @@ def score(args) -> None:
     rt = Runtime(args.model, precision=args.precision)
     peaks = exported_peaks(rt, [(Path(args.data) / r["path"]).read_bytes() for r in rows])
     print(json.dumps({"model": Path(args.model).name, "model_sha256": rt.sha256[:12], "precision": rt.precision,
-                      "peak": shares(rows, [hit(r, y, x, side) for r, (y, x, side) in zip(rows, peaks)]),
+                      "mirror": rt.mirror, "peak": shares(rows, [hit(r, y, x, side) for r, (y, x, side) in zip(rows, peaks)]),
                       "centre": shares(rows, [hit(r, side / 2, side / 2, side) for r, (_, _, side) in
                                               zip(rows, peaks)])}))
 

@@ -101,7 +101,8 @@ class Runtime:
 
         self.precision = serving_precision(precision, self.gpus, cpu_flags())
         self.model = load_model(model_path)
-        mirror = bool(self.model.card.get("mirror"))  # absent from cards of models trained before it existed
+        # Absent from cards of models trained before it existed: those are served as they were scored.
+        self.mirror = mirror = bool(self.model.card.get("mirror"))
         if self.precision == "int8":  # the int8 file holds the folded conv stack; the Keras model gives the head
             from vision.gradcam import head_dense
             from vision.int8 import Int8Explainer, read_int8
