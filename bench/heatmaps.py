@@ -56,8 +56,8 @@ def main() -> None:
             depths[ex.label].append(depth)
             if depth < args.rim:
                 misses.append((ex, gray, on_scan, depth))
-    out = {"model": Path(args.model).name, "model_sha256": rt.sha256[:12], "precision": rt.precision, "mirror": rt.mirror,
-           "rim_fraction": args.rim}
+    out = {"model": Path(args.model).name, "model_sha256": rt.sha256[:12], "precision": rt.precision,
+           "mirror": rt.mirror, "rim_fraction": args.rim}
     for c, d in depths.items():
         d = np.array(d)
         out[c] = {"scans": int(d.size), "outside": round(float((d == 0).mean()), 3),
