@@ -425,8 +425,8 @@ def migrate():
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint.")
 @domain_errors
 def train(data, out, epochs, batch_size, size, width, dilate, convs, pool, cell_loss, towers, mirror, seed, split_seed,
-          val_fraction, precision, equalise, gamma, invert, gin, rim_erase, cutmix, clean_epochs, downsize, oversample, balance, init,
-          teacher, distil_temperature, distil_weight, learning_rate, resume):
+          val_fraction, precision, equalise, gamma, invert, gin, rim_erase, cutmix, clean_epochs, downsize, oversample,
+          balance, init, teacher, distil_temperature, distil_weight, learning_rate, resume):
     """Train the CNN on the class folders of DATA (a folder or .zip archive); write the model, card and plots.
 
     Example: python cli.py train ../shared/data/brain-tumor-mri/Training --out models/brainscan-v1

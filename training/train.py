@@ -180,19 +180,20 @@ def served_probabilities(model, x: np.ndarray, mirror: bool, batch_size: int = 1
     return np.concatenate([explainer.forward(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def accuracy(model, x, y) -> float:
-    """Share of x the model classifies as y."""
-    return float((model.predict(x, batch_size=128, verbose=0).argmax(axis=1) == y).mean())
+def accuracy(model, x, y, mirror: bool = False) -> float:
+    """Share of x the model, served with or without its mirror, classifies as y."""
+    return float((served_probabilities(model, x, mirror).argmax(axis=1) == y).mean())
 
 
-def choose_weights(model, candidates: dict, x_train, x_val, y_val) -> tuple[str, dict]:
-    """Recalibrate each candidate's batch norm and keep the one most accurate on validation (ties: first)."""
+def choose_weights(model, candidates: dict, x_train, x_val, y_val, mirror: bool = False) -> tuple[str, dict]:
+    """Recalibrate each candidate's batch norm and keep the one most accurate on validation as served (ties: first)."""
     scores, best = {}, None
     for name, weights in candidates.items():
         model.set_weights(weights)
-        before = accuracy(model, x_val, y_val)
+        before = accuracy(model, x_val, y_val, mirror)
         recalibrate_batchnorm(model, x_train)
-        scores[name] = {"before_bn_recalibration": before, "after_bn_recalibration": accuracy(model, x_val, y_val)}
+        scores[name] = {"before_bn_recalibration": before,
+                        "after_bn_recalibration": accuracy(model, x_val, y_val, mirror)}
         print(f"weights '{name}': validation accuracy {before:.4f} -> {scores[name]['after_bn_recalibration']:.4f} "
               "with batch-norm statistics of the un-augmented training split", flush=True)
         if best is None or scores[name]["after_bn_recalibration"] > scores[best[0]]["after_bn_recalibration"]:
@@ -398,11 +399,11 @@ def fit_network(cfg: TrainConfig, data: Prepared, seed: int, work: Path, policy:
     candidates = {"weight_average": model.get_weights(), **kept} if cfg.ema_momentum > 0 else {"final": model.get_weights()}
     # Recalibrate and choose in float32, as the worker serves it: bfloat16 statistics cost a scan or two.
     model = float32_copy(model, cfg.size, stages)
-    chosen, scores = choose_weights(model, candidates, data.x_train, data.x_val, data.y_val)
+    chosen, scores = choose_weights(model, candidates, data.x_train, data.x_val, data.y_val, cfg.mirror)
     weights = {"kept": chosen, "candidates": scores,
                "note": "candidates are the last epoch's weights and their exponential moving average; "
                        "each gets batch-norm statistics recomputed on the un-augmented training split and "
-                       "the more accurate on the validation split is kept"}
+                       "the more accurate on the validation split, as served, is kept"}
     model.save(finished)
     earlier = sum(row["seconds"] for row in history if row.get("resumed"))
     state_path.write_text(json.dumps({"history": history, "weights": weights, "seconds": earlier + time.time() - t0}))
@@ -542,7 +543,8 @@ def _train(cfg: TrainConfig) -> dict:
     else:
         model = merge_towers([n.model for n in networks], cfg.size, stages)
         history = tower_history([n.history for n in networks])
-        weights = {"towers": [dict(n.weights, seed=n.seed, validation_accuracy=accuracy(n.model, x_val, y_val))
+        weights = {"towers": [dict(n.weights, seed=n.seed,
+                                   validation_accuracy=accuracy(n.model, x_val, y_val, cfg.mirror))
                               for n in networks],
                    "note": TOWERS_NOTE}
     chosen = weights.get("kept", "per tower")
