@@ -51,8 +51,8 @@ def validation_examples(card: dict, data_root: Path) -> list:
     by_hash = {e.sha256: e for e in tdata.labelled_examples(Path(data_root))}
     missing = [h for h in card["validation_sha256"] if h not in by_hash]
     if missing:
-        raise tdata.DataError(f"{data_root}: {len(missing)} of the models' {len(card['validation_sha256'])} "
-                              "validation scans are not there; pass the training data with --data")
+        raise tdata.DataError(f"{data_root}: {len(missing)} of the model's {len(card['validation_sha256'])} "
+                              "validation scans are not there; pass its training data with --data")
     return [by_hash[h] for h in card["validation_sha256"]]
 
 
