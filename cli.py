@@ -482,23 +482,29 @@ def merge(models, out, data):
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--mirror/--no-mirror", default=True, show_default=True,
               help="Serve the model as the mean of each scan and its left-right mirror, or the scan alone.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Output stem: writes OUT.keras, OUT.json, OUT-confusion.png (default: MODEL's own).")
 @click.option("--data", type=click.Path(path_type=Path),
               help="Training data holding the model's validation scans (default: the folder in its card).")
 @domain_errors
-def rescore(model, mirror, data):
+def rescore(model, mirror, out, data):
     """Score MODEL's validation split again as it will be served, with or without its mirror, into its card.
 
-    The weights stay as trained; the card records the change, the accuracy before and this command.
+    The weights stay as trained; the file is saved anew, so results and the int8 file of the model it was are
+    not mixed with its own (run quantize again). The card records the change, the accuracy before and this command.
 
     Example: python cli.py rescore models/brainscan-v1.keras --mirror
     """
     from training.rescore import rescore as rescore_model
 
-    args = [str(model), "--mirror" if mirror else "--no-mirror", *(["--data", str(data)] if data else [])]
-    card = rescore_model(model, mirror, data, command="python " + shlex.join(["cli.py", "rescore", *args]))
-    v, before = card["validation"], card["rescored"][-1]["validation_accuracy_before"]
-    click.echo(f"rescored {model} {'with' if mirror else 'without'} its mirror: validation accuracy "
-               f"{v['accuracy']:.4f} (was {before:.4f}), macro-F1 {v['macro_avg']['f1']:.4f}")
+    args = [str(model), "--mirror" if mirror else "--no-mirror", *(["--out", str(out)] if out else []),
+            *(["--data", str(data)] if data else [])]
+    card = rescore_model(model, mirror, out, data, command="python " + shlex.join(["cli.py", "rescore", *args]))
+    v, before = card["validation"], card["rescored"][-1]
+    click.echo(f"wrote {Path(out).with_suffix('.keras') if out else model} ({card['sha256'][:12]}, was "
+               f"{before['sha256'][:12]}), {'with' if mirror else 'without'} its mirror: validation accuracy "
+               f"{v['accuracy']:.4f} (was {before['validation_accuracy_before']:.4f}), macro-F1 "
+               f"{v['macro_avg']['f1']:.4f}")
 
 
 @cli.command()
