@@ -93,8 +93,8 @@ def test_shipped_int8_file_agrees_with_float32_on_the_example_scans(shipped_mode
     probs, cams = int8.explain(arrays)
     want_probs, want_cams = float32.explain(arrays)
     assert probs.argmax(axis=1).tolist() == want_probs.argmax(axis=1).tolist()
-    # Over the 829 validation scans the shipped network's int8 probabilities are within 0.0753 of float32's
-    # (median 0.0014; README); on these examples within 0.0705.
+    # Over the 829 validation scans the shipped network's int8 probabilities (served with its mirror) are within
+    # 0.0642 of float32's (median 0.0012; README), 0.0753 without the mirror; on these examples within 0.0437.
     assert np.abs(probs - want_probs).max() < 0.1
     peaks = cams.reshape(len(cams), -1).argmax(axis=1)
     want_peaks = want_cams.reshape(len(cams), -1).argmax(axis=1)
