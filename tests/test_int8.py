@@ -94,8 +94,8 @@ def test_shipped_int8_file_agrees_with_float32_on_the_example_scans(shipped_mode
     want_probs, want_cams = float32.explain(arrays)
     assert probs.argmax(axis=1).tolist() == want_probs.argmax(axis=1).tolist()
     # Over the 829 validation scans the shipped network's int8 probabilities (served with its mirror) are within
-    # 0.0642 of float32's (median 0.0012; README), 0.0753 without the mirror; on these examples within 0.0437.
-    assert np.abs(probs - want_probs).max() < 0.1
+    # 0.1157 of float32's (median 0.0016, the same class for all 829; README); on these examples within 0.0273.
+    assert np.abs(probs - want_probs).max() < 0.12
     peaks = cams.reshape(len(cams), -1).argmax(axis=1)
     want_peaks = want_cams.reshape(len(cams), -1).argmax(axis=1)
     assert (peaks == want_peaks).sum() >= len(cams) - 2
