@@ -132,6 +132,24 @@ def test_the_both_cell_loss_is_softmax_cross_entropy_plus_each_classs_logistic_l
     assert float(cells_loss("both", 0.0)(target, logits)) == pytest.approx(softmax + logistic, rel=1e-5)
     assert float(cells_loss("logistic", 0.0)(target, logits)) == pytest.approx(logistic / 4, rel=1e-5)
 
+def test_the_served_explainer_follows_the_weights_set_after_it_was_built(tiny_model):
+    from training.train import explained_probabilities, served_explainer, served_probabilities
+    from vision.modelio import load_model
+
+    model = load_model(tiny_model).keras_model
+    card = json.loads(tiny_model.with_suffix(".json").read_text())
+    arrays = np.stack([prepare_bytes(p.read_bytes(), card["preprocessing"]).array
+                       for p in sorted(EXAMPLES.glob("*/*.jpg"))])
+    explainer = served_explainer(model, mirror=True)
+    before = explained_probabilities(explainer, arrays)
+    model.get_layer("logits").set_weights([w * 3 for w in model.get_layer("logits").get_weights()])
+
+    after = explained_probabilities(explainer, arrays)
+
+    assert not np.allclose(after, before, atol=1e-3)
+    np.testing.assert_allclose(after, served_probabilities(model, arrays, mirror=True), atol=1e-6)
+
+
 def test_the_runtime_serves_the_mirror_mean_when_the_card_says_so_and_the_scan_alone_when_not(tiny_model, tmp_path):
     from vision.gradcam import Explainer
     from vision.modelio import load_model

@@ -171,13 +171,22 @@ def clean_epochs(augmenting, epochs: int, clean: int):
         on_epoch_begin=lambda epoch, logs=None: augmenting.assign(epoch < epochs - clean))
 
 
-def served_probabilities(model, x: np.ndarray, mirror: bool, batch_size: int = 128) -> np.ndarray:
-    """The probabilities a worker serves for x: with `mirror`, of each scan's mean with its left-right mirror."""
+def served_explainer(model, mirror: bool):
+    """The model as a worker serves it (with or without its mirror); it follows later changes to the weights."""
     from training.architecture import GRADCAM_LAYER
     from vision.gradcam import Explainer
 
-    explainer = Explainer(model, GRADCAM_LAYER, mirror=mirror)
+    return Explainer(model, GRADCAM_LAYER, mirror=mirror)
+
+
+def explained_probabilities(explainer, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """The explainer's probabilities for x, in batches."""
     return np.concatenate([explainer.forward(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def served_probabilities(model, x: np.ndarray, mirror: bool, batch_size: int = 128) -> np.ndarray:
+    """The probabilities a worker serves for x: with `mirror`, of each scan's mean with its left-right mirror."""
+    return explained_probabilities(served_explainer(model, mirror), x, batch_size)
 
 
 def accuracy(model, x, y, mirror: bool = False) -> float:
@@ -187,13 +196,14 @@ def accuracy(model, x, y, mirror: bool = False) -> float:
 
 def choose_weights(model, candidates: dict, x_train, x_val, y_val, mirror: bool = False) -> tuple[str, dict]:
     """Recalibrate each candidate's batch norm and keep the one most accurate on validation as served (ties: first)."""
+    explainer = served_explainer(model, mirror)  # one traced pass for every candidate: they only swap weights
     scores, best = {}, None
     for name, weights in candidates.items():
         model.set_weights(weights)
-        before = accuracy(model, x_val, y_val, mirror)
+        before = float((explained_probabilities(explainer, x_val).argmax(axis=1) == y_val).mean())
         recalibrate_batchnorm(model, x_train)
-        scores[name] = {"before_bn_recalibration": before,
-                        "after_bn_recalibration": accuracy(model, x_val, y_val, mirror)}
+        after = float((explained_probabilities(explainer, x_val).argmax(axis=1) == y_val).mean())
+        scores[name] = {"before_bn_recalibration": before, "after_bn_recalibration": after}
         print(f"weights '{name}': validation accuracy {before:.4f} -> {scores[name]['after_bn_recalibration']:.4f} "
               "with batch-norm statistics of the un-augmented training split", flush=True)
         if best is None or scores[name]["after_bn_recalibration"] > scores[best[0]]["after_bn_recalibration"]:
