@@ -8,12 +8,18 @@ from vision.gradcam import Explainer, padded_size
 from tests.conftest import random_network
 
 
+def features_and_logits(model):
+    """The model up to its Grad-CAM features and its logits, both as outputs."""
+    import keras
+
+    return keras.Model(model.inputs, [model.get_layer(GRADCAM_LAYER).output, model.get_layer("logits").output])
+
+
 def gradient_grad_cam(model, scans, classes):
     """Grad-CAM the textbook way, as a reference: a tape, each row's target logit, gradients averaged over space."""
-    import keras
     import tensorflow as tf
 
-    inner = keras.Model(model.inputs, [model.get_layer(GRADCAM_LAYER).output, model.get_layer("logits").output])
+    inner = features_and_logits(model)
     with tf.GradientTape() as tape:
         features, logits = inner(scans, training=False)
         target = tf.gather(logits, classes, axis=1, batch_dims=1)
@@ -158,10 +164,7 @@ def test_a_padded_batch_gives_the_rows_of_its_scans_alone(mixed_batch):
 
 
 def plain_features_logits(model, scans):
-    import keras
-
-    inner = keras.Model(model.inputs, [model.get_layer(GRADCAM_LAYER).output, model.get_layer("logits").output])
-    return [np.asarray(t, np.float64) for t in inner(scans)]
+    return [np.asarray(t, np.float64) for t in features_and_logits(model)(scans)]
 
 
 def test_mirrored_probabilities_are_the_softmax_of_the_mean_of_a_scans_and_its_mirrors_logits(cell_scored):

@@ -189,9 +189,14 @@ def served_probabilities(model, x: np.ndarray, mirror: bool, batch_size: int = 1
     return explained_probabilities(served_explainer(model, mirror), x, batch_size)
 
 
+def explained_accuracy(explainer, x, y) -> float:
+    """Share of x the explainer classifies as y."""
+    return float((explained_probabilities(explainer, x).argmax(axis=1) == y).mean())
+
+
 def accuracy(model, x, y, mirror: bool = False) -> float:
     """Share of x the model, served with or without its mirror, classifies as y."""
-    return float((served_probabilities(model, x, mirror).argmax(axis=1) == y).mean())
+    return explained_accuracy(served_explainer(model, mirror), x, y)
 
 
 def choose_weights(model, candidates: dict, x_train, x_val, y_val, mirror: bool = False) -> tuple[str, dict]:
@@ -200,10 +205,10 @@ def choose_weights(model, candidates: dict, x_train, x_val, y_val, mirror: bool 
     scores, best = {}, None
     for name, weights in candidates.items():
         model.set_weights(weights)
-        before = float((explained_probabilities(explainer, x_val).argmax(axis=1) == y_val).mean())
+        before = explained_accuracy(explainer, x_val, y_val)
         recalibrate_batchnorm(model, x_train)
-        after = float((explained_probabilities(explainer, x_val).argmax(axis=1) == y_val).mean())
-        scores[name] = {"before_bn_recalibration": before, "after_bn_recalibration": after}
+        scores[name] = {"before_bn_recalibration": before,
+                        "after_bn_recalibration": explained_accuracy(explainer, x_val, y_val)}
         print(f"weights '{name}': validation accuracy {before:.4f} -> {scores[name]['after_bn_recalibration']:.4f} "
               "with batch-norm statistics of the un-augmented training split", flush=True)
         if best is None or scores[name]["after_bn_recalibration"] > scores[best[0]]["after_bn_recalibration"]:
