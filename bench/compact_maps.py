@@ -24,10 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from config import DEFAULT_MODEL  # noqa: E402
 
-NOTUMOR = 2  # index in training.data.CLASSES
-
-
-def map_share(bias, notumor: int = NOTUMOR):
+def map_share(bias, notumor: int):
     """A loss: the share of the grid the true class's rectified map covers (mean over peak), 0 for notumor."""
     import tensorflow as tf
 
@@ -61,8 +58,8 @@ def main() -> None:
 
     out, card = Path(args.out), read_card(Path(args.init))
     stages = card["config"]["stages"]
-    cfg = TrainConfig(data_root=Path(args.data), out=out, pool="cells", cell_loss="softmax",
-                      seed=card["seed"], split_seed=card["split_seed"])
+    cfg = TrainConfig(data_root=Path(args.data), out=out, pool="cells", cell_loss="softmax", seed=card["seed"],
+                      split_seed=card["split_seed"], val_fraction=card["config"]["val_fraction"])
     data = prepare(cfg, card["preprocessing"])
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(cfg.seed)
@@ -80,7 +77,8 @@ def main() -> None:
     trained.compile(
         optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, use_ema=True,
                                          ema_momentum=cfg.ema_momentum),
-        loss=[keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing), map_share(class_map.bias),
+        loss=[keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+              map_share(class_map.bias, card["classes"].index("notumor")),
               keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing)],
         # BinaryCrossentropy averages over the classes: times their count, each weighs as in a sum.
         loss_weights=[1.0, args.weight, len(card["classes"]) * args.logistic])

@@ -38,22 +38,21 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/brain-tumor-mri/Training")
     args = parser.parse_args()
 
-    from training import data as tdata
-    from training.train import served_probabilities
+    from training.train import TrainConfig, prepare, served_probabilities
     from vision.modelio import load_model
 
     model = load_model(Path(args.model))
     card = model.card
-    train_ex, val_ex = tdata.split(tdata.labelled_examples(Path(args.data)), card["config"]["val_fraction"],
-                                   card["split_seed"])
-    if [e.sha256 for e in val_ex] != card["validation_sha256"]:
+    data = prepare(TrainConfig(data_root=Path(args.data), out=Path(args.model), seed=card["seed"],
+                               split_seed=card["split_seed"], val_fraction=card["config"]["val_fraction"]),
+                   card["preprocessing"])
+    if [e.sha256 for e in data.val_ex] != card["validation_sha256"]:
         sys.exit("this data and seed do not give the model's validation split")
-    x_train = tdata.cached_arrays(train_ex, card["preprocessing"], Path("var/cache"))
-    x_val = tdata.cached_arrays(val_ex, card["preprocessing"], Path("var/cache"))
-    y_train, y_val = tdata.label_indices(train_ex), tdata.label_indices(val_ex)
+    x_train, x_val, y_train, y_val, val_ex = data.x_train, data.x_val, data.y_train, data.y_val, data.val_ex
     similarity = thumbnails(x_val) @ thumbnails(x_train).T
     nearest, best = similarity.argmax(axis=1), similarity.max(axis=1)
-    right = served_probabilities(model.keras_model, x_val.astype(np.float32), bool(card.get("mirror"))).argmax(1) == y_val
+    probs = served_probabilities(model.keras_model, x_val.astype(np.float32), bool(card.get("mirror")))
+    right = probs.argmax(axis=1) == y_val
     bands = {}
     for low, high in BANDS:
         band = (best >= low) & (best < high)
