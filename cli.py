@@ -413,6 +413,10 @@ def migrate():
                    "repeat each class's rare clusters up to this many times per epoch.")
 @click.option("--init", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Start from this trained model's weights (fine-tuning; same --size and --width, one tower).")
+@click.option("--erase-lesions", default=0, show_default=True,
+              help="With --init: add up to this many figshare meningioma and pituitary training scans with the "
+                   "lesion erased where --init's map puts it, labelled notumor (and as many scans with a region "
+                   "erased elsewhere, labels kept), so no tumour class rests on the contrast-enhanced look alone.")
 @click.option("--teacher", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Also learn from this trained model's logits (distillation; same split and preprocessing), "
                    "e.g. a multi-tower model distilled into one network.")
@@ -426,7 +430,7 @@ def migrate():
 @domain_errors
 def train(data, out, epochs, batch_size, size, width, dilate, convs, pool, cell_loss, towers, mirror, seed, split_seed,
           val_fraction, precision, equalise, gamma, invert, gin, rim_erase, cutmix, clean_epochs, downsize, oversample,
-          balance, init, teacher, distil_temperature, distil_weight, learning_rate, resume):
+          balance, init, erase_lesions, teacher, distil_temperature, distil_weight, learning_rate, resume):
     """Train the CNN on the class folders of DATA (a folder or .zip archive); write the model, card and plots.
 
     Example: python cli.py train ../shared/data/brain-tumor-mri/Training --out models/brainscan-v1
@@ -436,12 +440,17 @@ def train(data, out, epochs, batch_size, size, width, dilate, convs, pool, cell_
 
     if cutmix and teacher:
         raise click.UsageError("--cutmix mixes labels, not the teacher's logits: use one or the other")
+    if erase_lesions and not init:
+        raise click.UsageError("--erase-lesions finds each lesion with a trained model's map: give it as --init")
+    if erase_lesions and teacher:
+        raise click.UsageError("--erase-lesions scans have no teacher logits: use one or the other")
 
     cfg = TrainConfig(data, out, epochs=epochs, batch_size=batch_size, size=size, width=width, dilate=dilate, convs=convs,
                       pool=pool, cell_loss=cell_loss, towers=towers, mirror=mirror, seed=seed, split_seed=split_seed,
                       val_fraction=val_fraction, precision=precision, equalise=equalise, gamma=gamma,
                       invert=invert, gin=gin, rim_erase=rim_erase, cutmix=cutmix, clean_epochs=clean_epochs,
-                      downsize=downsize, oversample=oversample, balance=balance, init=init, teacher=teacher,
+                      downsize=downsize, oversample=oversample, balance=balance, init=init,
+                      erase_lesions=erase_lesions, teacher=teacher,
                       distil_temperature=distil_temperature, distil_weight=distil_weight, learning_rate=learning_rate,
                       resume=resume,
                       command="python " + shlex.join(["cli.py", *sys.argv[1:]]))

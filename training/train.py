@@ -39,6 +39,9 @@ class TrainConfig:
     oversample: int = 1  # > 1: scans of their class's rare size group (data.rare_source_repeats) shown that often
     balance: int = 1  # > 1: rare intensity groups within a class repeated up to that often (data.balanced_repeats)
     init: Path | None = None  # a trained model whose weights this run starts from (fine-tuning)
+    # > 0: up to that many figshare meningioma and pituitary scans with the lesion erased where init's map puts
+    # it, labelled notumor, and as many controls, added to every epoch (training.lesions); needs init.
+    erase_lesions: int = 0
     teacher: Path | None = None  # a trained model whose logits this run also learns from (training.distil)
     distil_temperature: float = defaults.DISTIL_TEMPERATURE
     distil_weight: float = defaults.DISTIL_WEIGHT
@@ -284,16 +287,23 @@ class Prepared:
     twins: tuple | None = None  # (arrays, mask) of downsized copies of the training scans, with --downsize
     repeats: np.ndarray | None = None  # times each training scan is shown per epoch, with --oversample/--balance
     soft: tuple | None = None  # (training, validation) logits of the --teacher
+    erased: tuple | None = None  # (arrays, labels, counts) of --erase-lesions, shown once per epoch after the rest
 
     def epoch_arrays(self) -> tuple:
         """Training arrays, labels, twins and teacher logits with every scan repeated as often as it is shown
-        per epoch."""
-        if self.repeats is None:
-            return self.x_train, self.y_train, self.twins, self.soft
-        idx = np.repeat(np.arange(len(self.x_train)), self.repeats)
-        twins = (self.twins[0][idx], self.twins[1][idx]) if self.twins else None
-        soft = (self.soft[0][idx], self.soft[1]) if self.soft else None
-        return self.x_train[idx], self.y_train[idx], twins, soft
+        per epoch, then the --erase-lesions scans (which have no downsized twin)."""
+        x, y, twins, soft = self.x_train, self.y_train, self.twins, self.soft
+        if self.repeats is not None:
+            idx = np.repeat(np.arange(len(x)), self.repeats)
+            twins = (twins[0][idx], twins[1][idx]) if twins else None
+            soft = (soft[0][idx], soft[1]) if soft else None
+            x, y = x[idx], y[idx]
+        if self.erased is None:
+            return x, y, twins, soft
+        arrays, labels, _ = self.erased
+        if twins:
+            twins = (np.concatenate([twins[0], arrays]), np.concatenate([twins[1], np.zeros(len(arrays), bool)]))
+        return np.concatenate([x, arrays]), np.concatenate([y, labels]), twins, soft
 
 
 @dataclass
@@ -336,7 +346,28 @@ def prepare(cfg: TrainConfig, params: dict) -> Prepared:
         soft = tuple(distil.teacher_logits(cfg.teacher, params, {e.sha256 for e in val_ex}, x_train, x_val))
         print(f"teacher {cfg.teacher}: logits of {len(x_train)} training and {len(x_val)} validation scans in "
               f"{time.time() - t0:.0f}s", flush=True)
-    return Prepared(train_ex, val_ex, x_train, y_train, x_val, tdata.label_indices(val_ex), twins, repeats, soft)
+    erased = lesion_free(cfg, train_ex, x_train, y_train) if cfg.erase_lesions else None
+    return Prepared(train_ex, val_ex, x_train, y_train, x_val, tdata.label_indices(val_ex), twins, repeats, soft,
+                    erased)
+
+
+def lesion_free(cfg: TrainConfig, train_ex: list, x_train: np.ndarray, y_train: np.ndarray) -> tuple:
+    """--erase-lesions: (arrays, labels, counts) from training.lesions.erased_scans with --init's map, as served."""
+    from training.lesions import erased_scans
+    from vision.modelio import load_model
+
+    if cfg.init is None:
+        raise ValueError("--erase-lesions finds each lesion with a trained model's map: give it as --init")
+    if cfg.teacher:
+        raise ValueError("--erase-lesions scans have no teacher logits: use one or the other")
+    t0 = time.time()
+    init = load_model(Path(cfg.init))
+    x, y, counts = erased_scans(x_train, y_train, train_ex, served_explainer(init.keras_model, bool(init.card.get("mirror"))),
+                                list(CLASSES), cfg.erase_lesions, cfg.seed)
+    print(f"erased the lesion of {counts['lesion_erased']} of {counts['sure']} figshare meningioma and pituitary "
+          f"scans (labelled notumor) and a region of {counts['controls']} others in {time.time() - t0:.0f}s",
+          flush=True)
+    return x, y, counts
 
 
 def intensity_repeats(cfg: TrainConfig, train_ex: list, x_train: np.ndarray, labels: np.ndarray,
@@ -593,6 +624,7 @@ def _train(cfg: TrainConfig) -> dict:
         "hardware": hardware,
         "keras_version": keras.__version__,
         **init_fields(cfg.init),
+        **({"lesion_erase": data.erased[2]} if data.erased else {}),
         **(distil.teacher_fields(cfg.teacher, cfg.distil_temperature, cfg.distil_weight) if cfg.teacher else {}),
     }
     # The model it started from, or learnt from, is part of this one's training cost.
