@@ -24,20 +24,13 @@ from config import DEFAULT_MODEL  # noqa: E402
 BANDS = ((0.99, 1.01), (0.95, 0.99), (0.9, 0.95), (0.8, 0.9), (-1.0, 0.8), (-1.0, 0.95))
 
 
-def thumbnails(x: np.ndarray, side: int = 40) -> np.ndarray:
-    """Each (n, s, s, 1) array averaged to side x side, centred and scaled to unit length, one row per scan."""
-    k = x.shape[1] // side
-    t = x[..., 0].astype(np.float32).reshape(len(x), side, k, side, k).mean(axis=(2, 4)).reshape(len(x), -1)
-    t -= t.mean(axis=1, keepdims=True)
-    return t / (np.linalg.norm(t, axis=1, keepdims=True) + 1e-6)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--data", default="../shared/data/brain-tumor-mri/Training")
     args = parser.parse_args()
 
+    from training.near_copies import thumbnails
     from training.train import TrainConfig, prepare, served_probabilities
     from vision.modelio import load_model
 

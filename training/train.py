@@ -14,6 +14,7 @@ from jobs.labels import CLASSES
 from jobs.metrics import classification_metrics
 from training import data as tdata
 from training import defaults, distil
+from training.near_copies import NEAR_COPY, nearest_correlation
 from vision.preprocess import DEFAULTS
 from vision.precision import has_bfloat16
 from vision.runtime import cpu_description, cpu_flags
@@ -600,6 +601,7 @@ def _train(cfg: TrainConfig) -> dict:
           f"{float((probs.argmax(axis=1) == y_val).mean()):.4f}", flush=True)
     pred = [CLASSES[i] for i in probs.argmax(axis=1)]
     val_metrics = classification_metrics([e.label for e in val_ex], pred, probs, list(CLASSES))
+    unseen_metrics = without_near_copies(val_ex, pred, probs, x_val, data.x_train)
     card = {
         "name": out.name,
         "classes": list(CLASSES),
@@ -616,6 +618,7 @@ def _train(cfg: TrainConfig) -> dict:
         "validation_sha256": [e.sha256 for e in val_ex],
         "history": history,
         "validation": val_metrics,
+        "validation_without_near_copies": unseen_metrics,
         "towers": cfg.towers,
         "weights": weights,
         "training_precision": policy,
@@ -632,6 +635,20 @@ def _train(cfg: TrainConfig) -> dict:
         if source in card:
             card["wall_time_seconds"] = round(card["wall_time_seconds"] + card[source]["wall_time_seconds"], 1)
     return write_outputs(model, out, card)
+
+
+def without_near_copies(val_ex: list, pred: list[str], probs: np.ndarray, x_val: np.ndarray,
+                        x_train: np.ndarray) -> dict:
+    """Validation metrics on the scans with no near-copy among the training scans (training.near_copies)."""
+    novel = nearest_correlation(x_val, x_train) < NEAR_COPY
+    keep = np.flatnonzero(novel)
+    metrics = classification_metrics([val_ex[i].label for i in keep], [pred[i] for i in keep], probs[keep],
+                                      list(CLASSES))
+    accuracy_text = "n/a" if metrics["accuracy"] is None else f"{metrics['accuracy']:.4f}"
+    print(f"validation without near-copies of training scans (thumbnail correlation >= {NEAR_COPY}): "
+          f"{len(keep)} of {len(val_ex)} scans, accuracy {accuracy_text}", flush=True)
+    return {"near_copy_correlation": NEAR_COPY, "scans": int(len(keep)), "near_copies": int(len(val_ex) - len(keep)),
+            **metrics}
 
 
 def model_fields(model) -> dict:
