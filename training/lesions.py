@@ -105,7 +105,8 @@ def erased_scans(x: np.ndarray, y: np.ndarray, examples: list, explainer, classe
     for j, region in zip(controls, regions):
         a = x[j, ..., 0]
         kept.append(refill(a, moved(region, head_of(a), rng), rng))
-    arrays = np.stack(erased + kept)[..., None].astype(np.float32) if erased else np.zeros((0, *x.shape[1:]), np.float32)
+    made = erased + kept
+    arrays = np.stack(made)[..., None].astype(np.float32) if made else np.zeros((0, *x.shape[1:]), np.float32)
     labels = np.concatenate([np.full(len(erased), classes.index("notumor")), y[controls]]).astype(y.dtype)
     counts = {"candidates": len(pool), "sure": len(sure), "lesion_erased": len(erased), "controls": len(kept),
               "mean_region_share": round(float(np.mean([r.mean() for r in regions])), 4) if regions else 0.0}

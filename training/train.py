@@ -363,8 +363,8 @@ def lesion_free(cfg: TrainConfig, train_ex: list, x_train: np.ndarray, y_train: 
         raise ValueError("--erase-lesions scans have no teacher logits: use one or the other")
     t0 = time.time()
     init = load_model(Path(cfg.init))
-    x, y, counts = erased_scans(x_train, y_train, train_ex, served_explainer(init.keras_model, bool(init.card.get("mirror"))),
-                                list(CLASSES), cfg.erase_lesions, cfg.seed)
+    explainer = served_explainer(init.keras_model, bool(init.card.get("mirror")))
+    x, y, counts = erased_scans(x_train, y_train, train_ex, explainer, list(CLASSES), cfg.erase_lesions, cfg.seed)
     print(f"erased the lesion of {counts['lesion_erased']} of {counts['sure']} figshare meningioma and pituitary "
           f"scans (labelled notumor) and a region of {counts['controls']} others in {time.time() - t0:.0f}s",
           flush=True)
