@@ -1,4 +1,6 @@
 """Lesion-erased scans (train --erase-lesions): what is erased, what is kept, how they are labelled."""
+import shutil
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -6,7 +8,7 @@ from click.testing import CliRunner
 
 from cli import cli
 from training.data import CLASSES, labelled_examples, label_indices
-from training.lesions import erased_scans, head_of, lesion_region, refill
+from training.lesions import erased_scans, figshare_rows, head_of, lesion_region, refill
 from vision.preprocess import DEFAULTS, prepare_bytes
 from tests.conftest import EXAMPLES
 
@@ -112,3 +114,14 @@ def test_train_refuses_erased_lesions_without_an_init(tmp_path):
     assert result.exit_code == 2
     assert result.output.splitlines()[-1] == (
         "Error: --erase-lesions finds each lesion with a trained model's map: give it as --init")
+
+
+def test_the_figshare_scans_are_found_by_their_stored_size_in_a_folder_and_in_an_archive(tmp_path):
+    archive = shutil.make_archive(str(tmp_path / "scans"), "zip", EXAMPLES)
+    for root in (EXAMPLES, archive):
+        examples = labelled_examples(root)
+        rows = figshare_rows(examples, label_indices(examples), list(CLASSES))
+
+        assert sorted(examples[i].relpath for i in rows) == [
+            "meningioma/Tr-me_1104.jpg", "pituitary/Tr-pi_0956.jpg", "pituitary/Tr-pi_0975.jpg",
+            "pituitary/Tr-pi_0995.jpg", "pituitary/Tr-pi_1013.jpg"]

@@ -147,13 +147,20 @@ def downsized_twins(examples: list[Example], params: dict, cache_dir: Path, seed
     return _cached_rows(examples, folder, params["size"], _downsized, (params, seed, min_side), workers)
 
 
-def short_side(ex: Example) -> int:
-    """The short side in pixels of a scan's stored image (0 where Pillow cannot read it, as for DICOM)."""
+def stored_size(ex: Example) -> tuple[int, int] | None:
+    """Width and height in pixels of a scan's stored image, in a folder or an archive (None where Pillow cannot
+    read it, as for DICOM)."""
     data, _ = sources.load(*_source(ex))
     try:
-        return min(Image.open(io.BytesIO(data)).size)
-    except Exception:  # any unreadable header just means "no size": the scan is left out of the small group
-        return 0
+        return Image.open(io.BytesIO(data)).size
+    except Exception:  # any unreadable header just means "no size"
+        return None
+
+
+def short_side(ex: Example) -> int:
+    """The short side in pixels of a scan's stored image (0 where it has none: left out of the small group)."""
+    size = stored_size(ex)
+    return min(size) if size else 0
 
 
 def rare_source_repeats(examples: list[Example], factor: int, min_side: int = 300, rare: float = 0.25) -> np.ndarray:

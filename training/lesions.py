@@ -11,8 +11,9 @@ is no cue by itself.
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
+
+from training.data import stored_size
 
 FIGSHARE_SIDE = 512  # the contrast-enhanced source's slices, the only ones of that size here
 ERASED_CLASSES = ("meningioma", "pituitary")  # whose maps find their lesions (0.95 and 1.0 on the by-eye boxes)
@@ -70,15 +71,10 @@ def moved(region: np.ndarray, head: np.ndarray, rng: np.random.Generator, tries:
 
 
 def figshare_rows(examples: list, labels: np.ndarray, classes: list) -> list[int]:
-    """Indices of the ERASED_CLASSES scans of the figshare slices' size."""
+    """Indices of the ERASED_CLASSES scans of the figshare slices' size (in a folder or an archive)."""
     wanted = {classes.index(c) for c in ERASED_CLASSES}
-    rows = []
-    for i, (ex, y) in enumerate(zip(examples, labels)):
-        if y in wanted:
-            with Image.open(ex.path) as im:
-                if im.size == (FIGSHARE_SIDE, FIGSHARE_SIDE):
-                    rows.append(i)
-    return rows
+    return [i for i, (ex, y) in enumerate(zip(examples, labels))
+            if y in wanted and stored_size(ex) == (FIGSHARE_SIDE, FIGSHARE_SIDE)]
 
 
 def erased_scans(x: np.ndarray, y: np.ndarray, examples: list, explainer, classes: list, count: int,
