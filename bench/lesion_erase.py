@@ -10,7 +10,6 @@ Usage: python bench/lesion_erase.py [--model M]        # one JSON line per class
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -34,12 +33,12 @@ def box_region(row: dict, prep, size: int, grow: float = 0.05) -> np.ndarray:
 
 
 def classify_erased(args) -> None:
-    from bench.pointing import BOXES
+    from bench.pointing import boxes
     from training.lesions import refill
     from vision.preprocess import prepare_bytes
     from vision.runtime import Runtime
 
-    rows = list(csv.DictReader(open(BOXES, newline="")))
+    rows = boxes()
     rt = Runtime(args.model)
     size, rng = rt.preprocessing["size"], np.random.default_rng(0)
     preps = [prepare_bytes((Path(args.data) / r["path"]).read_bytes(), rt.preprocessing) for r in rows]

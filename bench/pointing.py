@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from config import DEFAULT_MODEL  # noqa: E402
+from training.lesions import FIGSHARE_SIDE  # noqa: E402
 
 TUMOURS = ("glioma", "meningioma", "pituitary")
-FIGSHARE_SIDE = 512
 BOXES = Path(__file__).with_name("tumour-boxes.csv")
 MARGIN = 0.05  # of the image side, on every side of the box
 
@@ -50,6 +50,12 @@ def sample(examples, per_class: int, seed: int) -> list:
                 break
         chosen += picked
     return chosen
+
+
+def boxes() -> list[dict]:
+    """The rows of bench/tumour-boxes.csv: path, label, x0, y0, x1, y1 (scan pixels), clear."""
+    with open(BOXES, newline="") as fh:
+        return list(csv.DictReader(fh))
 
 
 def hit(row: dict, y: float, x: float, side: int) -> bool:
@@ -86,8 +92,7 @@ def shares(rows: list[dict], hits: list[bool]) -> dict:
 def score(args) -> None:
     from vision.runtime import Runtime
 
-    with open(BOXES, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = boxes()
     rt = Runtime(args.model, precision=args.precision)
     peaks = exported_peaks(rt, [(Path(args.data) / r["path"]).read_bytes() for r in rows])
     print(json.dumps({"model": Path(args.model).name, "model_sha256": rt.sha256[:12], "precision": rt.precision,
